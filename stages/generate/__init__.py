@@ -1,0 +1,1 @@
+"""Stage one: sample completions, score them with the teacher, write cache shards."""

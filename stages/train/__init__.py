@@ -1,0 +1,1 @@
+"""Stage two: stream cache shards into a memory-lean divergence loss and train the student."""
