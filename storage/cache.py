@@ -132,20 +132,20 @@ class LogitCache:
     def is_committed(self, name: str) -> bool:
         return self._fs.exists(self._commit_path(parse_shard_name(name)))
 
-    def committed_shards(self) -> list[ShardRecord]:
-        """Commit records of every committed shard, sorted by name."""
+    def committed_shard_names(self) -> list[str]:
+        """Names of the committed shards, sorted: one listing, no record reads."""
         folder = f"{self._root}/{COMMITS_DIR}"
         try:
-            paths = sorted(p for p in self._fs.ls(folder, detail=False) if p.endswith(COMMIT_SUFFIX))
+            paths = self._fs.ls(folder, detail=False, refresh=True)
         except FileNotFoundError:
             return []
-        records = []
-        for path in paths:
-            base = path.rsplit("/", 1)[-1]
-            if base.startswith("."):
-                continue  # a temporary file of a commit in flight
-            records.append(self.load_record(base[: -len(COMMIT_SUFFIX)]))
-        return records
+        bases = (p.rsplit("/", 1)[-1] for p in paths)
+        # names starting with "." are temporary files of commits in flight
+        return sorted(b[: -len(COMMIT_SUFFIX)] for b in bases if b.endswith(COMMIT_SUFFIX) and not b.startswith("."))
+
+    def committed_shards(self) -> list[ShardRecord]:
+        """Commit records of every committed shard, sorted by name."""
+        return [self.load_record(name) for name in self.committed_shard_names()]
 
     def load_record(self, name: str) -> ShardRecord:
         path = self._commit_path(parse_shard_name(name))
@@ -291,12 +291,13 @@ class ShardReader:
                 store=cache.url, path=f"{SHARDS_GROUP}/{record.name}", mode="r", zarr_format=3
             )
             seq = {n: self._array(n)[...] for n in SEQUENCE_ARRAYS}
-        except CorruptShardError:
+        except (CorruptShardError, OSError, TimeoutError):
             raise
         except Exception as err:  # zarr raises many types on damaged metadata or chunks
             raise CorruptShardError(record.name, f"cannot read its sequence arrays ({type(err).__name__}: {err})") from None
         self._seq = seq
         self._check_sequence_arrays()
+        self._check_objects_present()
 
     def _array(self, name: str):
         try:
@@ -322,9 +323,26 @@ class ShardReader:
         if not np.array_equal(np.diff(s["pos_offsets"]), lengths - cs):
             raise CorruptShardError(self.name, "pos_offsets disagree with sequence lengths and completion starts")
 
+    def _check_objects_present(self) -> None:
+        # Zarr reads a missing chunk file as fill values: check the listing so a
+        # deleted object is an error, not silent zeros.
+        fs, root = self.cache._fs, self.cache._root
+        try:
+            present = {p[len(root) + 1 :] for p in fs.find(f"{root}/{SHARDS_GROUP}/{self.name}")}
+        except FileNotFoundError:
+            present = set()
+        missing = sorted(set(self.record.objects) - present)
+        if missing:
+            raise CorruptShardError(self.name, f"{len(missing)} object(s) are missing, e.g. {missing[0]}")
+
     @property
     def num_sequences(self) -> int:
         return self.record.num_sequences
+
+    @property
+    def sequence_arrays(self) -> dict[str, np.ndarray]:
+        """The shard's small per-sequence arrays (offsets, completion starts, ...), read on open."""
+        return self._seq
 
     def read(self, start: int = 0, stop: int | None = None) -> SequenceBatch:
         """Decoded sequences [start, stop)."""
@@ -341,11 +359,14 @@ class ShardReader:
                 name: self._array(name)[p0:p1]
                 for name in codec_mod.position_arrays(fp.codec, fp.k, fp.tokenizer.vocab_size)
             }
-        except CorruptShardError:
-            raise
-        except Exception as err:
+        except (CorruptShardError, OSError, TimeoutError):
+            raise  # transient I/O errors are not corruption: let the caller retry or fail
+        except Exception as err:  # zarr/blosc/crc32c raise many types on damaged bytes
             raise CorruptShardError(self.name, f"cannot decode its chunks ({type(err).__name__}: {err})") from None
-        ids, lps, tail, target, behaviour = codec_mod.decode(stored, fp.codec)
+        try:
+            ids, lps, tail, target, behaviour = codec_mod.decode(stored, fp.codec)
+        except CacheError as err:
+            raise CorruptShardError(self.name, str(err)) from None
         return SequenceBatch(
             token_ids=token_ids,
             seq_offsets=s["seq_offsets"][start : stop + 1] - t0,

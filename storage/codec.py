@@ -14,7 +14,8 @@ Decoding: p_hat(c) = (c / levels)^2, and p_hat(0) = (1 / (4 levels))^2 (the
 middle of the zero bucket in sqrt space, never 0, so KL stays finite); the
 decoded distribution over the k+1 buckets is p_hat / sum(p_hat), stated in the
 format, never silent. Mean KL(true || decoded) is about (k+1) / (6 levels^2)
-nats at worst; measured figures are in BENCHMARKS.md.
+nats (9.4e-5 at k=64, levels=340, the default); measured figures are in
+BENCHMARKS.md.
 
 ``raw`` (lossless). ``topk_ids`` int32 and ``topk_logprobs`` float32 in rank
 order, ``tail_logprob`` float32, exactly as the teacher produced them.

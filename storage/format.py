@@ -115,8 +115,8 @@ class CodecConfig:
     """
 
     name: str = "sqrtq"
-    levels: int = 255
-    zstd_level: int = 5
+    levels: int = 340
+    zstd_level: int = 9
 
     def __post_init__(self):
         if self.name not in CODECS:
@@ -135,7 +135,7 @@ class CodecConfig:
     @classmethod
     def from_dict(cls, d: dict, where: str = "codec") -> CodecConfig:
         name = _require(d, "name", str, where)
-        levels = d.get("levels", 255) if name == "raw" else _require(d, "levels", int, where)
+        levels = d.get("levels", 340) if name == "raw" else _require(d, "levels", int, where)
         return cls(name=name, levels=levels, zstd_level=_require(d, "zstd_level", int, where))
 
 
