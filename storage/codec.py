@@ -154,14 +154,15 @@ def decode(
     if codec.name == "raw":
         return (stored["topk_ids"], stored["topk_logprobs"], stored["tail_logprob"], target, behaviour)
     deltas, codes, tail_code = stored["topk_id_deltas"], stored["topk_codes"], stored["tail_code"]
+    if (codes.size and int(codes.max()) > codec.levels) or (tail_code.size and int(tail_code.max()) > codec.levels):
+        raise CacheError(f"sqrtq codes exceed levels={codec.levels}")
     ids = np.cumsum(deltas, axis=1, dtype=np.int32)
     lut_p, lut_logp = _SqrtLut.get(codec.levels)
-    if codes.size and int(codes.max()) > codec.levels or tail_code.size and int(tail_code.max()) > codec.levels:
-        raise CacheError(f"sqrtq codes exceed levels={codec.levels}")
-    norm = np.log(lut_p[codes].sum(axis=1, dtype=np.float32) + lut_p[tail_code])  # (P,)
-    topk_logprobs = lut_logp[codes]
+    # np.take is several times faster than fancy indexing for small integer codes
+    norm = np.log(np.take(lut_p, codes).sum(axis=1, dtype=np.float32) + np.take(lut_p, tail_code))  # (P,)
+    topk_logprobs = np.take(lut_logp, codes)
     topk_logprobs -= norm[:, None]
-    tail = lut_logp[tail_code] - norm
+    tail = np.take(lut_logp, tail_code) - norm
     return ids, topk_logprobs, tail, target, behaviour
 
 
