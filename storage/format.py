@@ -234,7 +234,7 @@ class CacheFingerprint:
             )
         if self.k != other.k:
             out.append(f"k: {self.k} vs {other.k}")
-        if self.codec != other.codec:
+        if self.codec.to_dict() != other.codec.to_dict():  # `levels` means nothing for raw
             out.append(f"codec: {self.codec.to_dict()} vs {other.codec.to_dict()}")
         return out
 

@@ -309,3 +309,11 @@ def test_files_follow_the_zarr_v3_spec_tensorstore_reads_them(tmp_path, make_bat
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_raw_codec_fingerprints_ignore_levels(tmp_path, make_fingerprint):
+    url = str(tmp_path / "c")
+    LogitCache.create(url, make_fingerprint(codec=CodecConfig(name="raw", levels=255)))
+    LogitCache.create(url, make_fingerprint(codec=CodecConfig(name="raw", levels=340)))  # same cache
+    with pytest.raises(FingerprintMismatchError, match="codec"):
+        LogitCache.create(url, make_fingerprint(codec=CodecConfig(name="raw", zstd_level=3)))
