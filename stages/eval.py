@@ -33,7 +33,7 @@ KL is a lower bound of the exact KL on the same positions; the two are not
 interchangeable and kd never mixes them in one plot.
 
 Determinism: the sample of prompt row r is drawn from its own RNG seeded by
-``eval_seed(seed, r)`` (r is the row's index in the data file, so it does not
+``eval_seed(seed, r)`` (r is the row's index in its split, so it does not
 change with ``--limit``), which makes the numbers a function of (models, data,
 options, seed) on one machine (the sampler's notes on batch size apply).
 ``--show N`` answers the first N prompts greedily with both models (no seed).
@@ -60,7 +60,6 @@ SAMPLES = ("both", "student", "teacher", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "prompts.jsonl"
 """The prompts shipped with kd (``--data default``); 54 of the 351 rows are in split 'heldout'."""
-SPLIT_COLUMN = "split"
 RESULT_KIND = "kd-eval"
 RESULT_VERSION = 1
 LOGPROB_ELEMENTS = 1 << 25
@@ -256,27 +255,8 @@ def select_rows(data: str, split: str, limit: int | None):
     """(dataset of the chosen rows, their indices in the data) for ``--data`` / ``--split``."""
     from kd.stages.generate import prompts as prompts_mod
 
-    path = Path(data).expanduser()
-    if not path.is_file():
-        dataset = prompts_mod.open_dataset(data, split)  # a folder or hub dataset: a named split
-        rows = list(range(len(dataset)))
-    else:
-        dataset = prompts_mod.open_dataset(data, "train")
-        if SPLIT_COLUMN in dataset.column_names:
-            values = dataset[SPLIT_COLUMN]
-            rows = [i for i, v in enumerate(values) if v == split]
-            if not rows:
-                present = sorted({str(v) for v in values})
-                raise prompts_mod.PromptDataError(
-                    f"{data}: no row has {SPLIT_COLUMN!r} == {split!r}; the values present are "
-                    f"{present}. Pass one of them with --split.")
-        elif split == "train":
-            rows = list(range(len(dataset)))
-        else:
-            raise prompts_mod.PromptDataError(
-                f"{data} has no {SPLIT_COLUMN!r} column, so all its rows are split 'train' (got "
-                f"--split {split}). Pass --split train, or add a {SPLIT_COLUMN!r} column marking "
-                "the held-out rows.")
+    dataset = prompts_mod.open_dataset(data, split)  # a split column partitions single files
+    rows = list(range(len(dataset)))
     if limit is not None:
         rows = rows[:limit]
     if not rows:

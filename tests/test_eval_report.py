@@ -39,7 +39,8 @@ from typer.testing import CliRunner
 
 runner = CliRunner()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# (prompt, split): the held-out rows are not a prefix, so row indices (and seeds) are the file's
+# (prompt, split): the held-out rows are not a prefix of the file; rows (and seeds) are indexed
+# within their split, as generate and train index them
 PROMPTS = [
     ("What is 2 + 2?", "train"), ("Name a colour, and say why you like it.", "heldout"),
     ("Say hello.", "train"), ("Why is the sky blue?", "heldout"), ("x", "heldout"),
@@ -130,7 +131,7 @@ def test_eval_matches_a_direct_computation(pair, evaluated):
     teacher = AutoModelForCausalLM.from_pretrained(pair.teacher, dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_pretrained(pair.student, dtype=torch.float32).eval()
     prompts = [encode(tokenizer, PROMPTS[r][0]) for r in HELDOUT_ROWS]
-    seeds = [eval_seed(3, r) for r in HELDOUT_ROWS]  # seeded by the row's index in the file
+    seeds = [eval_seed(3, i) for i in range(len(HELDOUT_ROWS))]  # seeded by the row's index in its split
     params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=12)
     assert result["prompts"] == len(HELDOUT_ROWS)
     for name, model in (("student", student), ("teacher", teacher)):
@@ -149,9 +150,9 @@ def test_eval_matches_a_direct_computation(pair, evaluated):
     assert result["student_samples"]["kl"] > 1.0 and result["student_samples"]["top1"] < 0.5
 
     # --show: greedy answers, checked against transformers' own greedy decoding
-    assert [e["row"] for e in result["examples"]] == HELDOUT_ROWS[:2]
+    assert [e["row"] for e in result["examples"]] == [0, 1]  # rows are indexed within the split
     for example, prompt in zip(result["examples"], prompts):
-        assert example["prompt"] == PROMPTS[example["row"]][0]
+        assert example["prompt"] == PROMPTS[HELDOUT_ROWS[example["row"]]][0]
         for name, model in (("student", student), ("teacher", teacher)):
             ids = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -340,7 +341,8 @@ def test_generate_train_eval_report_end_to_end(pair, data, tmp_path):
     run_dir = tmp_path / "run"
     train(TrainConfig(cache=str(tmp_path / "cache"), out=str(run_dir), student=str(pair.student), steps=6,
                       lr=1e-2, warmup=1, batch_tokens=256, eval_every=3, eval_batches=1, save_every=6,
-                      heldout_fraction=0.3, loader_workers=1, progress=False))
+                      # the 3 train-split prompts: 0.6 holds out prompts 1 and 2 (by hash)
+                      heldout_fraction=0.6, loader_workers=1, progress=False))
     result = runner.invoke(app, ["eval", "--student", str(run_dir), "--teacher", str(pair.teacher),
                                  "--data", str(data), "--max-new-tokens", "6", "--device", "cpu",
                                  "--no-progress", "--out", str(run_dir)])

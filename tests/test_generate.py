@@ -539,3 +539,16 @@ def test_embedded_teacher_end_to_end(tmp_path):
                                  progress=False))  # default student samples
     b = read_all(out)
     assert (b.round == 1).sum() == 2 and np.isfinite(b.behaviour_logprobs[b.pos_offsets[2]:]).all()
+
+
+def test_a_split_column_partitions_a_single_file(tmp_path):
+    """The shipped prompts carry a `split` column: generate/train/eval all see the same partition."""
+    from kd.stages.generate.prompts import PromptDataError, open_dataset
+
+    path = tmp_path / "p.jsonl"
+    rows = [{"prompt": f"q{i}", "split": "heldout" if i % 3 == 0 else "train"} for i in range(9)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert open_dataset(str(path), "train")["prompt"] == [r["prompt"] for r in rows if r["split"] == "train"]
+    assert open_dataset(str(path), "heldout")["prompt"] == ["q0", "q3", "q6"]
+    with pytest.raises(PromptDataError, match="values present are \\['heldout', 'train'\\]"):
+        open_dataset(str(path), "test")

@@ -100,6 +100,35 @@ def check_utf8(path: Path) -> None:
             raise PromptDataError(f"{path} is not valid UTF-8 (truncated character at its end)") from None
 
 
+SPLIT_COLUMN = "split"
+"""A single file has one dataset split; a column of this name partitions its rows into splits."""
+
+
+def _split_of_file(dataset, path: Path, split: str):
+    """The rows of a single-file dataset that belong to ``split``.
+
+    With a ``split`` column (e.g. the shipped data/prompts.jsonl: train / heldout),
+    the split is the rows whose column equals it, in file order; without one the
+    whole file is the split 'train'. Rows are then addressed by their index within
+    the split, for generate, train and eval alike.
+    """
+    if SPLIT_COLUMN in dataset.column_names:
+        values = dataset[SPLIT_COLUMN]
+        rows = [i for i, v in enumerate(values) if v == split]
+        if not rows:
+            raise PromptDataError(
+                f"{path}: no row has {SPLIT_COLUMN!r} == {split!r}; the values present are "
+                f"{sorted({str(v) for v in values})}. Pass one of them with --split."
+            )
+        return dataset.select(rows) if len(rows) != len(dataset) else dataset
+    if split != "train":
+        raise PromptDataError(
+            f"{path} is a single file without a {SPLIT_COLUMN!r} column, so it has only the split "
+            f"'train' (got --split {split}). Add a {SPLIT_COLUMN!r} column to mark held-out rows."
+        )
+    return dataset
+
+
 def open_dataset(data: str, split: str):
     """The ``datasets.Dataset`` for ``data`` (file, folder or cached hub name) and ``split``."""
     ensure_offline()
@@ -115,10 +144,8 @@ def open_dataset(data: str, split: str):
                 raise PromptDataError(
                     f"{path}: unknown file type {path.suffix!r}; use one of {sorted(LOCAL_BUILDERS)}"
                 )
-            if split != "train":
-                raise PromptDataError(f"{path} is a single file, which has only the split 'train' (got --split {split})")
             check_utf8(path)
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+            return _split_of_file(datasets.load_dataset(builder, data_files=str(path), split="train"), path, split)
         if path.is_dir():
             for f in sorted(path.rglob("*")):
                 if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES:
