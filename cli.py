@@ -76,10 +76,250 @@ def cache_verify(
 
 # ---------------------------------------------------------------- kd generate
 # (the generate command lives in this block)
+from dataclasses import MISSING, fields as _fields  # noqa: E402
+
+from kd.stages.generate.run import GenerateConfig, field_docs  # noqa: E402  (light: no torch)
+
+_GEN_FIELDS = {f.name: f for f in _fields(GenerateConfig)}
+_GEN_HELP = field_docs(GenerateConfig)
+
+
+def _gen_opt(name: str, *flags: str):
+    """The option of config field ``name``: its default and docstring come from GenerateConfig."""
+    default = _GEN_FIELDS[name].default
+    return typer.Option(... if default is MISSING else default,
+                        *(flags or (f"--{name.replace('_', '-')}",)), help=_GEN_HELP[name])
+
+
+@app.command("generate")
+def generate(
+    data: str = _gen_opt("data"),
+    out: str = _gen_opt("out"),
+    student: str = _gen_opt("student"),
+    teacher: str = _gen_opt("teacher"),
+    source: str = _gen_opt("source"),
+    split: str = _gen_opt("split"),
+    prompt_field: str = _gen_opt("prompt_field"),
+    completion_field: str = _gen_opt("completion_field"),
+    row_start: int = _gen_opt("row_start"),
+    row_end: Optional[int] = _gen_opt("row_end"),
+    limit: Optional[int] = _gen_opt("limit"),
+    chat_template: bool = _gen_opt("chat_template", "--chat-template/--no-chat-template"),
+    max_prompt_tokens: int = _gen_opt("max_prompt_tokens"),
+    long_prompts: str = _gen_opt("long_prompts"),
+    k: int = _gen_opt("k", "--k", "-k"),
+    codec: str = _gen_opt("codec"),
+    codec_levels: int = _gen_opt("codec_levels"),
+    zstd_level: int = _gen_opt("zstd_level"),
+    temperature: float = _gen_opt("temperature"),
+    top_p: float = _gen_opt("top_p"),
+    max_new_tokens: int = _gen_opt("max_new_tokens"),
+    num_samples: int = _gen_opt("num_samples"),
+    seed: int = _gen_opt("seed"),
+    round: int = _gen_opt("round"),
+    student_step: Optional[int] = _gen_opt("student_step"),
+    backend: str = _gen_opt("backend"),
+    device: str = _gen_opt("device"),
+    dtype: str = _gen_opt("dtype"),
+    batch_size: int = _gen_opt("batch_size"),
+    score_batch_tokens: int = _gen_opt("score_batch_tokens"),
+    offload: str = _gen_opt("offload"),
+    offload_group: int = _gen_opt("offload_group"),
+    shard_size: int = _gen_opt("shard_size"),
+    worker: Optional[int] = _gen_opt("worker"),
+    num_workers: Optional[int] = _gen_opt("num_workers"),
+    progress: bool = _gen_opt("progress", "--progress/--no-progress"),
+    follow: str = _gen_opt("follow"),
+) -> None:
+    """Sample completions (student, teacher or dataset), score them with the teacher's top-k, write shards.
+
+    Rerunning the same command resumes: committed shards are skipped. See
+    kd/stages/generate/run.py for the algorithm and the --offload modes.
+    """
+    config = GenerateConfig(**locals())
+    from kd.stages.generate.run import run
+
+    try:
+        summary = run(config)
+    except KdError as err:
+        _fail(err)
+    width = max(len(key) for key in summary)
+    for key, value in summary.items():
+        typer.echo(f"{key:<{width}}  {value}")
 
 
 # ---------------------------------------------------------------- kd train
 # (the train command lives in this block)
+import os  # noqa: E402
+from dataclasses import MISSING as _MISSING, fields as _train_fields  # noqa: E402
+
+from kd.stages.generate.run import field_docs as _field_docs  # noqa: E402
+from kd.stages.train.config import TrainConfig  # noqa: E402  (light: no torch)
+
+_TRAIN_DEFAULTS = {f.name: f.default for f in _train_fields(TrainConfig)}
+_TRAIN_HELP = _field_docs(TrainConfig)
+
+
+def _train_opt(name: str, *flags: str):
+    """The option of TrainConfig field ``name``: default and help text come from the dataclass."""
+    default = _TRAIN_DEFAULTS[name]
+    return typer.Option(... if default is _MISSING else default,
+                        *(flags or (f"--{name.replace('_', '-')}",)), help=_TRAIN_HELP[name])
+
+
+@app.command("train")
+def train(
+    cache: str = _train_opt("cache"),
+    out: str = _train_opt("out"),
+    student: str = _train_opt("student"),
+    steps: int = _train_opt("steps"),
+    lr: float = _train_opt("lr"),
+    min_lr_ratio: float = _train_opt("min_lr_ratio"),
+    warmup: int = _train_opt("warmup"),
+    weight_decay: float = _train_opt("weight_decay"),
+    batch_tokens: int = _train_opt("batch_tokens"),
+    grad_accum: int = _train_opt("grad_accum"),
+    clip: float = _train_opt("clip"),
+    loss: str = _train_opt("loss"),
+    topk_mode: str = _train_opt("topk_mode"),
+    beta: float = _train_opt("beta"),
+    alpha: float = _train_opt("alpha"),
+    temperature: float = _train_opt("temperature"),
+    divergence_weight: float = _train_opt("divergence_weight"),
+    ce_weight: float = _train_opt("ce_weight"),
+    token_reverse_kl_weight: float = _train_opt("token_reverse_kl_weight"),
+    importance_clip: Optional[float] = _train_opt("importance_clip"),
+    tail_logprob_floor: float = _train_opt("tail_logprob_floor"),
+    chunk_size: int = _train_opt("chunk_size"),
+    heldout_fraction: float = _train_opt("heldout_fraction"),
+    eval_every: int = _train_opt("eval_every"),
+    eval_batches: int = _train_opt("eval_batches"),
+    save_every: int = _train_opt("save_every"),
+    keep: int = _train_opt("keep"),
+    resume: bool = _train_opt("resume", "--resume/--no-resume"),
+    seed: int = _train_opt("seed"),
+    device: str = _train_opt("device"),
+    dtype: str = _train_opt("dtype"),
+    compile: bool = _train_opt("compile", "--compile/--no-compile"),
+    fsdp: bool = _train_opt("fsdp", "--fsdp/--no-fsdp"),
+    loader_workers: int = _train_opt("loader_workers"),
+    tensorboard: bool = _train_opt("tensorboard", "--tensorboard/--no-tensorboard"),
+    progress: bool = _train_opt("progress", "--progress/--no-progress"),
+    refresh_every: int = _train_opt("refresh_every"),
+    refresh_prompts: int = _train_opt("refresh_prompts"),
+    prompts: str = _train_opt("prompts"),
+    teacher: str = _train_opt("teacher"),
+    sample_temperature: float = _train_opt("sample_temperature"),
+    sample_top_p: float = _train_opt("sample_top_p"),
+    max_new_tokens: int = _train_opt("max_new_tokens"),
+    on_policy_fraction: float = _train_opt("on_policy_fraction"),
+    max_staleness: Optional[int] = _train_opt("max_staleness"),
+    refresh_mode: str = _train_opt("refresh_mode"),
+    refresh_backend: str = _train_opt("refresh_backend"),
+    refresh_offload: str = _train_opt("refresh_offload"),
+    refresh_batch_size: int = _train_opt("refresh_batch_size"),
+    refresh_wait: float = _train_opt("refresh_wait"),
+) -> None:
+    """Train the student on a logit cache: chunked distillation loss, checkpoints, held-out eval.
+
+    Multi-GPU / multi-node: run under torchrun (torchrun --nproc-per-node N -m kd.cli train ...).
+    See kd/stages/train/run.py for the loop and kd/stages/train/checkpoint.py for the run folder.
+    """
+    config = TrainConfig(**locals())
+    from kd.stages.train.run import run
+
+    try:
+        summary = run(config)
+    except KdError as err:
+        _fail(err)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, print once
+        typer.echo(json.dumps(summary, indent=2))
+
+
+
+# ---------------------------------------------------------------- kd eval
+# (the eval command lives in this block)
+from dataclasses import MISSING as _EVAL_MISSING, fields as _eval_fields  # noqa: E402
+
+from kd.stages.eval import EvalConfig  # noqa: E402  (light: no torch)
+from kd.stages.generate.run import field_docs as _eval_field_docs  # noqa: E402
+
+_EVAL_DEFAULTS = {f.name: f.default for f in _eval_fields(EvalConfig)}
+_EVAL_HELP = _eval_field_docs(EvalConfig)
+
+
+def _eval_opt(name: str, *flags: str):
+    """The option of EvalConfig field ``name``: default and help text come from the dataclass."""
+    default = _EVAL_DEFAULTS[name]
+    return typer.Option(... if default is _EVAL_MISSING else default,
+                        *(flags or (f"--{name.replace('_', '-')}",)), help=_EVAL_HELP[name])
+
+
+@app.command("eval")
+def eval_(
+    student: str = _eval_opt("student"),
+    teacher: str = _eval_opt("teacher"),
+    data: str = _eval_opt("data"),
+    split: str = _eval_opt("split"),
+    limit: Optional[int] = _eval_opt("limit"),
+    samples: str = _eval_opt("samples"),
+    prompt_field: str = _eval_opt("prompt_field"),
+    chat_template: bool = _eval_opt("chat_template", "--chat-template/--no-chat-template"),
+    max_prompt_tokens: int = _eval_opt("max_prompt_tokens"),
+    temperature: float = _eval_opt("temperature"),
+    top_p: float = _eval_opt("top_p"),
+    max_new_tokens: int = _eval_opt("max_new_tokens"),
+    seed: int = _eval_opt("seed"),
+    show: int = _eval_opt("show"),
+    out: Optional[str] = _eval_opt("out"),
+    device: str = _eval_opt("device"),
+    dtype: str = _eval_opt("dtype"),
+    batch_size: int = _eval_opt("batch_size"),
+    score_batch_tokens: int = _eval_opt("score_batch_tokens"),
+    progress: bool = _eval_opt("progress", "--progress/--no-progress"),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
+) -> None:
+    """Held-out KL(teacher || student) on student and teacher samples, top-1 agreement, perplexities.
+
+    Both models score fresh completions over the full vocabulary (exact, no top-k).
+    See kd/stages/eval.py for the definitions.
+    """
+    options = dict(locals())
+    options.pop("as_json")
+    config = EvalConfig(**options)
+    from kd.stages.eval import format_results, run
+
+    try:
+        result = run(config)
+    except KdError as err:
+        _fail(err)
+    typer.echo(json.dumps(result, indent=2) if as_json else format_results(result))
+
+
+# ---------------------------------------------------------------- kd report
+# (the report command lives in this block)
+from kd.stages.report import ReportConfig  # noqa: E402  (light: no matplotlib)
+
+_REPORT_DEFAULTS = {f.name: f.default for f in _eval_fields(ReportConfig)}
+_REPORT_HELP = _eval_field_docs(ReportConfig)
+
+
+@app.command("report")
+def report(
+    run_dir: str = typer.Argument(..., metavar="RUN_DIR", help=_REPORT_HELP["run_dir"]),
+    out: Optional[str] = typer.Option(_REPORT_DEFAULTS["out"], "--out", help=_REPORT_HELP["out"]),
+) -> None:
+    """Plots (PNG) and report.md for a training run: loss parts, held-out KL, throughput, staleness."""
+    config = ReportConfig(run_dir=run_dir, out=out)
+    from kd.stages.report import run
+
+    try:
+        summary = run(config)
+    except KdError as err:
+        _fail(err)
+    typer.echo(f"wrote {summary['report']}")
+    for path in summary["plots"]:
+        typer.echo(f"      {path}")
 
 
 def main() -> None:

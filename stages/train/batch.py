@@ -39,3 +39,38 @@ class TrainBatch:
     @property
     def num_loss_positions(self) -> int:
         return int(self.loss_rows.shape[0])
+
+
+def concat_batches(batches: list[TrainBatch]) -> TrainBatch:
+    """Stack the sequences of several batches into one, right-padding to the widest.
+
+    The mixing loader uses it to join its on-policy and replay sub-batches; the
+    per-position tensors keep their order (batch after batch), ``loss_rows`` are
+    shifted by the rows of the batches before. One batch is returned as is.
+    """
+    if len(batches) == 1:
+        return batches[0]
+    width = max(b.input_ids.shape[1] for b in batches)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, width), zeros on the right
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+    row_offsets = [0]
+    for b in batches[:-1]:
+        row_offsets.append(row_offsets[-1] + b.input_ids.shape[0])
+    cat = torch.cat
+    return TrainBatch(
+        input_ids=cat([pad(b.input_ids) for b in batches]),
+        attention_mask=cat([pad(b.attention_mask) for b in batches]),
+        loss_rows=cat([b.loss_rows + off for b, off in zip(batches, row_offsets)]),
+        loss_cols=cat([b.loss_cols for b in batches]),
+        target_ids=cat([b.target_ids for b in batches]),
+        topk_ids=cat([b.topk_ids for b in batches]),
+        topk_logprobs=cat([b.topk_logprobs for b in batches]),
+        tail_logprobs=cat([b.tail_logprobs for b in batches]),
+        target_logprobs=cat([b.target_logprobs for b in batches]),
+        behaviour_logprobs=cat([b.behaviour_logprobs for b in batches]),
+        source=cat([b.source for b in batches]),
+        round=cat([b.round for b in batches]),
+        num_tokens=sum(b.num_tokens for b in batches),
+    )

@@ -15,18 +15,24 @@ from dataclasses import asdict, dataclass, fields
 from kd.storage.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16")
+REFRESH_MODES = ("sync", "async")
+REFRESH_BACKENDS = ("hf", "vllm")
+REFRESH_OFFLOAD = ("auto", "on", "off")
 
 RESUME_MUST_MATCH = (
     "cache", "student", "loss", "topk_mode", "beta", "alpha", "temperature", "divergence_weight",
     "ce_weight", "token_reverse_kl_weight", "importance_clip", "tail_logprob_floor",
     "lr", "min_lr_ratio", "warmup", "weight_decay", "clip", "batch_tokens", "grad_accum",
-    "heldout_fraction", "seed",
+    "heldout_fraction", "seed", "refresh_every", "refresh_prompts", "prompts", "teacher",
+    "sample_temperature", "sample_top_p", "max_new_tokens", "on_policy_fraction", "max_staleness",
+    "refresh_mode",
 )
 """Fields a resumed run must share with its checkpoint: they define the experiment (data,
 starting point, objective, optimizer, batch plan). Every other field may change on resume:
 ``steps`` (extend or shorten a run; the cosine schedule is recomputed for the new total, so
 the learning rate jumps unless steps is unchanged), and the operational ones (eval / save
-cadence, keep, device, dtype, compile, fsdp, chunk_size, loader_workers, logging)."""
+cadence, keep, device, dtype, compile, fsdp, chunk_size, loader_workers, logging, and the
+refresh's backend, offload, batch size and wait)."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,47 @@ class TrainConfig:
     """Also log to TensorBoard in RUN_DIR/tensorboard (needs the tensorboard package)."""
     progress: bool = True
     """Show a progress bar with tokens/s on stderr."""
+
+    # ---- on-policy refresh (kd/stages/train/refresh.py); refresh_every = 0 is plain offline KD
+    refresh_every: int = 0
+    """Every this many optimizer steps (and before the first), the current student samples completions
+    for the next --refresh-prompts prompts of --prompts, the teacher scores them, and they join the
+    cache as a new round that training continues on. 0 = no refresh (offline KD on the cache)."""
+    refresh_prompts: int = 64
+    """Prompts sampled per round (M): round r uses prompt rows [(r-1)*M, r*M) modulo the data size."""
+    prompts: str = ""
+    """Prompt data the refresh samples from (as kd generate --data: a .jsonl/.json/.parquet/.csv file,
+    a folder, or a cached dataset name). Required with --refresh-every."""
+    teacher: str = "default"
+    """Teacher that scores refresh rounds: must be the one the cache was made with (checked)."""
+    sample_temperature: float = 1.0
+    """Sampling temperature of refresh rounds (0 = greedy). Stored log-probs are always at T = 1."""
+    sample_top_p: float = 1.0
+    """Nucleus sampling of refresh rounds."""
+    max_new_tokens: int = 256
+    """Longest completion a refresh samples, in tokens."""
+    on_policy_fraction: float = 0.5
+    """Lambda: the share of every micro-batch's --batch-tokens budget filled from the freshest round;
+    the rest comes from replay (older rounds within --max-staleness and the cache's own shards).
+    1 with --refresh-every 1 is fully on-policy (GKD)."""
+    max_staleness: int | None = None
+    """Rounds sampled more than this many steps ago leave the replay mix; async mode also waits for a
+    new round when the freshest one is older than this. Default: no limit."""
+    refresh_mode: str = "sync"
+    """'sync': training pauses while this process samples and scores (same device). 'async': a separate
+    `kd generate --follow RUN_DIR` worker writes rounds from the checkpoints saved every
+    --refresh-every steps; training uses the newest complete round."""
+    refresh_backend: str = "hf"
+    """Sync mode: backend of the teacher scorer (and student sampler), 'hf' or 'vllm' (vLLM takes the
+    in-memory student's weights in place)."""
+    refresh_offload: str = "auto"
+    """Sync mode on CUDA: 'on' moves the optimizer state to CPU and loads the teacher only for the
+    refresh, so teacher, student and optimizer never share the GPU; 'off' keeps the teacher resident;
+    'auto' is off on CPU and on CUDA unless the teacher fits in a quarter of the free memory."""
+    refresh_batch_size: int = 16
+    """Prompts the refresh samples together in one batch."""
+    refresh_wait: float = 600.0
+    """Async mode: seconds to wait for a fresh-enough round before giving up with an error."""
 
     # ------------------------------------------------------------ derived values
     def loss_config(self):
@@ -205,6 +252,39 @@ class TrainConfig:
         need(self.dtype in DTYPES, "dtype", f"must be one of {list(DTYPES)}, got {self.dtype!r}")
         for name in ("resume", "compile", "fsdp", "tensorboard", "progress"):
             need(isinstance(getattr(self, name), bool), name, f"must be true or false, got {getattr(self, name)!r}")
+        if self.importance_clip is not None and self.token_reverse_kl_weight == 0:
+            need(False, "importance_clip", "weights only the sampled-token reverse-KL term (the full-distribution "
+                 "divergence depends on the sampled prefix, not on one token's ratio): set "
+                 "--token-reverse-kl-weight > 0, or drop --importance-clip")
+        integer("refresh_every", 0)
+        integer("refresh_prompts", 1)
+        integer("max_new_tokens", 1)
+        integer("refresh_batch_size", 1)
+        if self.max_staleness is not None:
+            integer("max_staleness", 0)
+        number("on_policy_fraction", lambda v: 0 <= v <= 1, "a number in [0, 1]")
+        number("sample_temperature", lambda v: v >= 0, "a finite number >= 0")
+        number("sample_top_p", lambda v: 0 < v <= 1, "a number in (0, 1]")
+        number("refresh_wait", lambda v: v > 0, "a finite number of seconds > 0")
+        need(self.refresh_mode in REFRESH_MODES, "refresh_mode",
+             f"must be one of {list(REFRESH_MODES)}, got {self.refresh_mode!r}")
+        need(self.refresh_backend in REFRESH_BACKENDS, "refresh_backend",
+             f"must be one of {list(REFRESH_BACKENDS)}, got {self.refresh_backend!r}")
+        need(self.refresh_offload in REFRESH_OFFLOAD, "refresh_offload",
+             f"must be one of {list(REFRESH_OFFLOAD)}, got {self.refresh_offload!r}")
+        if isinstance(self.refresh_every, int) and self.refresh_every > 0:
+            need(isinstance(self.prompts, str) and bool(self.prompts.strip()), "prompts",
+                 "is required with --refresh-every (the prompt data the student samples from)")
+            need(isinstance(self.teacher, str) and bool(self.teacher.strip()), "teacher",
+                 "must name the cache's teacher or 'default'")
+            if self.refresh_mode == "sync" and self.fsdp is True:
+                need(False, "fsdp", "cannot sample from an FSDP-sharded student in --refresh-mode sync "
+                     "(ranks would decode different lengths); use --refresh-mode async")
+            if (self.refresh_mode == "async" and isinstance(self.max_staleness, int)
+                    and not isinstance(self.max_staleness, bool) and self.max_staleness < self.refresh_every):
+                need(False, "max_staleness", f"must be >= --refresh-every ({self.refresh_every}) in async mode "
+                     "(the worker samples the checkpoints written every --refresh-every steps), "
+                     f"got {self.max_staleness}")
         if self.tensorboard is True and importlib.util.find_spec("tensorboard") is None:
             need(False, "tensorboard", "needs the tensorboard package: pip install tensorboard")
         if problems:

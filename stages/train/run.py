@@ -10,6 +10,12 @@ One optimizer step, top to bottom in ``train_loop`` (nanoGPT style):
     clip the gradient norm; lr = warmup + cosine(step); AdamW step
     log metrics; every eval_every: held-out eval; every save_every: checkpoint; on_step hook
 
+and before every step ``Refresher.before_step`` (``kd.stages.train.refresh``): with
+``--refresh-every N`` it writes (sync) or waits for (async) a round of student samples
+scored by the teacher; in every run it points the mixing loader (``kd.stages.train.mix``)
+at the shards of this step: a fraction lambda from the freshest round, the rest replay.
+Without refresh that is every base shard, i.e. plain offline KD, through the same path.
+
 The loss of a step is the mean over micro-batches (and processes) of each
 micro-batch's per-position mean (``losses`` module docstring).
 
@@ -26,11 +32,8 @@ the process group is created here (nccl on CUDA, gloo on CPU); each rank reads
 its disjoint piece of the cache; the student is wrapped in DDP, or sharded with
 FSDP2 ``fully_shard`` (``--fsdp``). Only rank 0 writes checkpoints and metrics.
 
-Hook for the on-policy refresh (a later issue): ``run(config, on_step=f)`` calls
-``f(StepContext)`` on every rank after each optimizer step (after eval and
-checkpoint). A refresh hook would, every N steps, sample from
-``ctx.student`` into new shards (``kd.stages.generate.run.generate_shards``),
-then call ``ctx.loader.refresh(names)`` with the names broadcast from rank 0.
+Hook: ``run(config, on_step=f)`` calls ``f(StepContext)`` on every rank after each
+optimizer step (after eval and checkpoint), e.g. for custom evaluation.
 """
 
 from __future__ import annotations
@@ -58,8 +61,11 @@ from kd.stages.train.config import TrainConfig
 from kd.stages.train.fused import LOGITS_BUDGET, chunked_distill_loss
 from kd.stages.train.loader import CacheLoader
 from kd.stages.train.losses import LossConfig, LossTargets, loss_sums
+from kd.stages.train.mix import MixLoader
+from kd.stages.train.refresh import Refresher, is_refresh_record
 from kd.storage.cache import LogitCache
 from kd.storage.errors import ConfigError, FingerprintMismatchError
+from kd.storage.format import SOURCE_CODE
 
 __all__ = ["TrainConfig", "StepContext", "DistillStep", "evaluate", "lr_at", "run"]
 
@@ -166,7 +172,7 @@ class StepContext:
 
     step: int
     student: nn.Module  # the unwrapped HF model (FSDP-sharded when --fsdp)
-    loader: CacheLoader
+    loader: MixLoader
     config: TrainConfig
     run_dir: Path
     rank: int
@@ -229,16 +235,6 @@ def _weights_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _staleness_map(cache: LogitCache) -> dict[int, int]:
-    """round -> student_step from shard provenance (on-policy shards only)."""
-    out = {}
-    for record in cache.committed_shards():
-        p = record.provenance
-        if isinstance(p.get("round"), int) and isinstance(p.get("student_step"), int):
-            out[p["round"]] = max(out.get(p["round"], 0), p["student_step"])
-    return out
-
-
 class _MetricsLog:
     """metrics.jsonl (+ TensorBoard) on rank 0; a no-op elsewhere."""
 
@@ -252,7 +248,7 @@ class _MetricsLog:
             self.path.write_text("")
         elif self.path.exists():  # resumed: drop lines a crashed run wrote after its checkpoint
             keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after]
+                    if line.strip() and _before_checkpoint(json.loads(line), truncate_after)]
             self.path.write_text("".join(line + "\n" for line in keep))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -272,6 +268,12 @@ class _MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _before_checkpoint(record: dict, step: int) -> bool:
+    """Whether a metrics line belongs before the checkpoint of ``step`` (a refresh at a step comes after it)."""
+    at = record.get("step", 0)
+    return at < step or (at == step and record.get("kind") != "refresh")
 
 
 # ---------------------------------------------------------------- run
@@ -336,6 +338,10 @@ def _run(config: TrainConfig, d: _Dist, on_step) -> dict:
             "with this student's tokenizer."
         )
 
+    # ---- refresh settings (teacher, prompts, run id) are checked before any model loads
+    refresher = Refresher(config, cache, run_dir, rank=d.rank, world_size=d.world_size, device=device,
+                          tokenizer=tokenizer, saved_state=saved.get("refresh") if saved is not None else None)
+
     # ---- model, optimizer, data
     resolved = replace(config, device=str(device), dtype=str(autocast_dtype or torch.float32).removeprefix("torch."))
     if d.main:
@@ -343,6 +349,8 @@ def _run(config: TrainConfig, d: _Dist, on_step) -> dict:
         (run_dir / CONFIG_FILE).write_text(resolved.to_json())
         if saved is None:  # folders a crashed earlier start renamed but never pointed `latest` at
             ckpt.discard_checkpoints_after(run_dir, 0)
+        if refresher.enabled:
+            refresher.write_run_file()
     _seed_everything(config.seed)
     student = models.load_model(student_path, device=device, dtype=torch.float32)
     if student.get_output_embeddings().weight.shape[0] < cache_tok.vocab_size:
@@ -358,10 +366,13 @@ def _run(config: TrainConfig, d: _Dist, on_step) -> dict:
     model = _wrap(step_module, config, d, device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, betas=(0.9, 0.95),
                                   weight_decay=config.weight_decay, eps=1e-8)
-    loader = CacheLoader(cache, config.loader_config("train"), rank=d.rank, world_size=d.world_size)
+    loader = MixLoader(cache, config.loader_config("train"), config.on_policy_fraction,
+                       rank=d.rank, world_size=d.world_size)
+    refresher.attach(student, optimizer, loader)
     eval_loader = None
-    if config.eval_every > 0:
-        eval_loader = CacheLoader(cache, config.loader_config("heldout"), rank=d.rank, world_size=d.world_size)
+    if config.eval_every > 0:  # base shards only: refresh rounds must not move the held-out set
+        eval_loader = CacheLoader(cache, config.loader_config("heldout"), rank=d.rank, world_size=d.world_size,
+                                  shard_filter=lambda record: not is_refresh_record(record))
     step = 0
     if saved is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -378,8 +389,8 @@ def _run(config: TrainConfig, d: _Dist, on_step) -> dict:
         summary = train_loop(
             config=resolved, model=model, student=student, optimizer=optimizer, loader=loader,
             eval_loader=eval_loader, tokenizer=tokenizer, log=log, d=d, device=device,
-            autocast_dtype=autocast_dtype, start_step=step, staleness=_staleness_map(cache),
-            on_step=on_step,
+            autocast_dtype=autocast_dtype, start_step=step, refresher=refresher,
+            resumed=saved is not None, on_step=on_step,
         )
     finally:
         log.close()
@@ -436,7 +447,7 @@ def _full_states(student: nn.Module, optimizer) -> tuple[dict, dict]:
     return model_state, get_optimizer_state_dict(student, optimizer, options=options)
 
 
-def _save(config, d, run_dir, step, student, optimizer, loader, tokenizer) -> Path | None:
+def _save(config, d, run_dir, step, student, optimizer, loader, tokenizer, refresher) -> Path | None:
     model_state, optim_state = _full_states(student, optimizer)
     rng = ckpt.capture_rng_state()
     all_rng = [None] * d.world_size
@@ -449,6 +460,7 @@ def _save(config, d, run_dir, step, student, optimizer, loader, tokenizer) -> Pa
         trainer_state = {
             "step": step, "world_size": d.world_size, "optimizer": optim_state,
             "loader": loader.state_dict(), "rng": all_rng, "config": config.to_dict(),
+            "refresh": refresher.state_dict(),
         }
         path = ckpt.save_checkpoint(run_dir, step, student, model_state, tokenizer, trainer_state,
                                     config.to_dict(), config.keep)
@@ -457,9 +469,9 @@ def _save(config, d, run_dir, step, student, optimizer, loader, tokenizer) -> Pa
     return path
 
 
-def train_loop(*, config: TrainConfig, model, student, optimizer, loader: CacheLoader, eval_loader,
+def train_loop(*, config: TrainConfig, model, student, optimizer, loader: MixLoader, eval_loader,
                tokenizer, log: _MetricsLog, d: _Dist, device, autocast_dtype, start_step: int,
-               staleness: dict[int, int], on_step) -> dict:
+               refresher: Refresher, resumed: bool, on_step) -> dict:
     """The loop of the module docstring, from ``start_step`` to ``config.steps``."""
     run_dir = Path(config.out)
     eval_start = eval_loader.state_dict() if eval_loader is not None else None
@@ -477,9 +489,15 @@ def train_loop(*, config: TrainConfig, model, student, optimizer, loader: CacheL
 
     if eval_loader is not None and start_step == 0:
         run_eval(0)
+    if not resumed and refresher.wants_checkpoint(start_step):  # the first round samples these weights
+        _save(config, d, run_dir, start_step, student, optimizer, loader, tokenizer, refresher)
+    staleness = refresher.round_steps  # round -> student step of its samples; kept current by the refresher
     bar = tqdm(total=config.steps, initial=start_step, disable=not (config.progress and d.main),
                unit="step", dynamic_ncols=True)
     for step in range(start_step, config.steps):
+        refresh_record = refresher.before_step(step)
+        if refresh_record is not None:
+            log.write(refresh_record)
         t0, wait0 = time.perf_counter(), loader.stats.wait_s
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
@@ -494,7 +512,8 @@ def train_loop(*, config: TrainConfig, model, student, optimizer, loader: CacheL
                 out = model(batch)
             (out.total / config.grad_accum).backward()
             names = list(out.parts)
-            known = [staleness[r] for r in cpu_batch.round.tolist() if r in staleness]
+            known = [staleness[r] for r, s in zip(cpu_batch.round.tolist(), cpu_batch.source.tolist())
+                     if s == SOURCE_CODE["student"] and r in staleness]
             extra = [cpu_batch.num_tokens, cpu_batch.num_loss_positions, sum(known), len(known)]
             row = torch.cat([torch.stack([out.total.detach(), *(out.parts[n] for n in names)]).double(),
                              torch.tensor(extra, dtype=torch.float64, device=device)])
@@ -516,7 +535,7 @@ def train_loop(*, config: TrainConfig, model, student, optimizer, loader: CacheL
             **{f"loss_{n}": v / n_micro for n, v in zip(names, values[1:-4])},
             "lr": lr, "grad_norm": float(grad_norm), "tokens": int(tokens), "loss_positions": int(positions),
             "tokens_per_s": tokens / step_s, "step_s": step_s, "data_wait_s": loader.stats.wait_s - wait0,
-            "staleness": (step + 1) - stale_sum / stale_n if stale_n else None,
+            "staleness": step - stale_sum / stale_n if stale_n else None,
             "time": time.time(), "elapsed_s": time.time() - t_begin,
         }
         log.write(record)
@@ -526,8 +545,9 @@ def train_loop(*, config: TrainConfig, model, student, optimizer, loader: CacheL
         done = step + 1
         if eval_loader is not None and (done % config.eval_every == 0 or done == config.steps):
             run_eval(done)
-        if (config.save_every and done % config.save_every == 0) or done == config.steps:
-            _save(config, d, run_dir, done, student, optimizer, loader, tokenizer)
+        if (config.save_every and done % config.save_every == 0) or done == config.steps \
+                or refresher.wants_checkpoint(done):
+            _save(config, d, run_dir, done, student, optimizer, loader, tokenizer, refresher)
         if on_step is not None:
             on_step(StepContext(done, student, loader, config, run_dir, d.rank, d.world_size, record))
     bar.close()
