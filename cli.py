@@ -6,6 +6,8 @@ from kd's own hierarchy (``KdError``) are printed as one clear line, exit 2.
 
     kd generate ...        stage one: samples + teacher top-k -> cache shards
     kd train ...           stage two: cache -> divergence loss -> student checkpoints
+    kd eval ...            held-out KL / top-1 / perplexity of a student against the teacher
+    kd report RUN_DIR      plots and report.md of a training run
     kd cache info|verify   inspect and check a logit cache
 """
 
@@ -20,6 +22,15 @@ import typer
 
 from kd.storage.errors import KdError
 
+# The config dataclasses are light to import (no torch): `kd --help` stays fast.
+from dataclasses import MISSING, fields  # noqa: E402
+from functools import partial  # noqa: E402
+
+from kd.stages.eval import EvalConfig  # noqa: E402
+from kd.stages.generate.run import GenerateConfig, field_docs  # noqa: E402
+from kd.stages.report import ReportConfig  # noqa: E402
+from kd.stages.train.config import TrainConfig  # noqa: E402
+
 app = typer.Typer(
     name="kd",
     help="Knowledge distillation around a cached, compressed teacher top-k logit store.",
@@ -29,6 +40,18 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(help="Inspect and check a logit cache (local path or fsspec URL).", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+
+
+def _option(config_cls, name: str, *flags: str):
+    """The typer option of config field ``name``: its default and help text come from the dataclass."""
+    default = {f.name: f.default for f in fields(config_cls)}[name]
+    return typer.Option(... if default is MISSING else default,
+                        *(flags or (f"--{name.replace('_', '-')}",)), help=field_docs(config_cls)[name])
+
+
+_gen_opt = partial(_option, GenerateConfig)
+_train_opt = partial(_option, TrainConfig)
+_eval_opt = partial(_option, EvalConfig)
 
 
 def _fail(err: KdError) -> None:
@@ -76,19 +99,6 @@ def cache_verify(
 
 # ---------------------------------------------------------------- kd generate
 # (the generate command lives in this block)
-from dataclasses import MISSING, fields as _fields  # noqa: E402
-
-from kd.stages.generate.run import GenerateConfig, field_docs  # noqa: E402  (light: no torch)
-
-_GEN_FIELDS = {f.name: f for f in _fields(GenerateConfig)}
-_GEN_HELP = field_docs(GenerateConfig)
-
-
-def _gen_opt(name: str, *flags: str):
-    """The option of config field ``name``: its default and docstring come from GenerateConfig."""
-    default = _GEN_FIELDS[name].default
-    return typer.Option(... if default is MISSING else default,
-                        *(flags or (f"--{name.replace('_', '-')}",)), help=_GEN_HELP[name])
 
 
 @app.command("generate")
@@ -151,20 +161,6 @@ def generate(
 # ---------------------------------------------------------------- kd train
 # (the train command lives in this block)
 import os  # noqa: E402
-from dataclasses import MISSING as _MISSING, fields as _train_fields  # noqa: E402
-
-from kd.stages.generate.run import field_docs as _field_docs  # noqa: E402
-from kd.stages.train.config import TrainConfig  # noqa: E402  (light: no torch)
-
-_TRAIN_DEFAULTS = {f.name: f.default for f in _train_fields(TrainConfig)}
-_TRAIN_HELP = _field_docs(TrainConfig)
-
-
-def _train_opt(name: str, *flags: str):
-    """The option of TrainConfig field ``name``: default and help text come from the dataclass."""
-    default = _TRAIN_DEFAULTS[name]
-    return typer.Option(... if default is _MISSING else default,
-                        *(flags or (f"--{name.replace('_', '-')}",)), help=_TRAIN_HELP[name])
 
 
 @app.command("train")
@@ -239,20 +235,6 @@ def train(
 
 # ---------------------------------------------------------------- kd eval
 # (the eval command lives in this block)
-from dataclasses import MISSING as _EVAL_MISSING, fields as _eval_fields  # noqa: E402
-
-from kd.stages.eval import EvalConfig  # noqa: E402  (light: no torch)
-from kd.stages.generate.run import field_docs as _eval_field_docs  # noqa: E402
-
-_EVAL_DEFAULTS = {f.name: f.default for f in _eval_fields(EvalConfig)}
-_EVAL_HELP = _eval_field_docs(EvalConfig)
-
-
-def _eval_opt(name: str, *flags: str):
-    """The option of EvalConfig field ``name``: default and help text come from the dataclass."""
-    default = _EVAL_DEFAULTS[name]
-    return typer.Option(... if default is _EVAL_MISSING else default,
-                        *(flags or (f"--{name.replace('_', '-')}",)), help=_EVAL_HELP[name])
 
 
 @app.command("eval")
@@ -298,10 +280,8 @@ def eval_(
 
 # ---------------------------------------------------------------- kd report
 # (the report command lives in this block)
-from kd.stages.report import ReportConfig  # noqa: E402  (light: no matplotlib)
-
-_REPORT_DEFAULTS = {f.name: f.default for f in _eval_fields(ReportConfig)}
-_REPORT_HELP = _eval_field_docs(ReportConfig)
+_REPORT_DEFAULTS = {f.name: f.default for f in fields(ReportConfig)}
+_REPORT_HELP = field_docs(ReportConfig)
 
 
 @app.command("report")
