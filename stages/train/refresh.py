@@ -332,6 +332,7 @@ class Refresher:
         # the base shards are those of the run's start: shards added later do not change a run
         self.base = list((saved_state or {}).get("base", base))
         self._teacher = None  # resident teacher model (sync mode without offload)
+        self._adopted = None  # async: the freshest round in use
         self.student = self.optimizer = self.loader = None
 
     def attach(self, student, optimizer, loader) -> None:
@@ -497,7 +498,6 @@ class Refresher:
         c = self.config
         t0 = time.time()
         deadline = t0 + c.refresh_wait
-        before = max(self.rounds) if self.rounds else None
         while True:
             self._rescan()
             complete = [r for r in self.rounds.values() if r.complete]
@@ -515,8 +515,9 @@ class Refresher:
                 )
             time.sleep(POLL_S)
         newest = max((r.round for r in self.rounds.values() if r.complete), default=None)
-        if newest == before or newest is None:
+        if newest is None or newest == self._adopted:
             return None
+        self._adopted = newest
         r = self.rounds[newest]
         return {"kind": "refresh", "step": step, "round": newest, "student_step": r.student_step, "mode": "async",
                 "wait_s": time.time() - t0, "time": time.time()}
