@@ -22,12 +22,19 @@ Generation cost of a variant: student tokens sampled and teacher tokens scored (
 completion, since the teacher runs over both), in the base cache and in all refresh
 rounds, and the seconds spent on them.
 
-Peer (variant ``trl``, optional): TRL's ``GKDTrainer`` (experimental in trl 1.16) with
-lambda = 1 (a fresh student generation every step, HF ``generate``), beta = 0 (forward KL
-over the full vocabulary), temperature 1, the same student, teacher, prompts, batch size,
-learning rate, schedule and steps; its teacher runs live every step and nothing is
-cached. Needs ``pip install --no-deps trl`` (its other requirements are kd's); the
-variant is skipped with a message when trl is missing.
+Peers (optional; need ``pip install --no-deps trl``, here trl 1.16.0; skipped with a
+message when trl is missing), with the same student, teacher, prompts, batch size,
+learning rate, schedule and steps, and the teacher running live every step (nothing cached):
+
+  trl         TRL's ``DistillationTrainer``: fully on-policy (the student samples every
+              step with HF ``generate``), beta = 0 (forward KL over the full vocabulary),
+              temperature 1
+  trl-gkd     TRL's ``GKDTrainer`` (trl.experimental) with lambda = 1, beta = 0
+
+Throughput is "trained completion tokens per second": completion positions that carry a
+loss, divided by the wall-clock of the whole arm (kd: base cache + training + refresh;
+TRL: training with its live generation), evaluation excluded. "KL at equal wall-clock"
+interpolates TRL's held-out KL curve at the moment each kd arm finished.
 
     python benchmarks/bench_refresh.py --out /tmp/bench-refresh            # the small default
     python benchmarks/bench_refresh.py --steps 60 --variants offline,8,4,2,1 --threads 2
@@ -215,28 +222,26 @@ def run_variant(args, name: str, out: Path, base: dict, train_prompts: Path, stu
         "gen_s": base["gen_s"] + gen_s, "refresh_gen_s": gen_s,
         "gen_cpu_s": base["gen_cpu_s"] + gen_cpu_s, "refresh_gen_cpu_s": gen_cpu_s,
         "train_wall_s": wall, "train_cpu_s": cpu, "trained_tokens": summary["tokens"],
+        "trained_completion_tokens": sum(m["loss_positions"] for m in train),
         "mean_staleness": _mean([m["staleness"] for m in train if m["staleness"] is not None]),
         "final_loss": summary["final_loss"], "curve": curve,
     }
 
 
-def run_trl(args, out: Path, train_prompts: Path, teacher_dir, student_dir, evaluator, kl0) -> dict:
-    """TRL GKDTrainer, fully on-policy (lambda = 1), evaluated like the kd variants."""
+def _trl_arm(args, out: Path, name: str, train_prompts: Path, teacher_dir, student_dir, evaluator, kl0) -> dict:
+    """A TRL peer, fully on-policy, evaluated like the kd variants; counts its trained completion tokens."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import datasets
     from transformers import TrainerCallback
 
     from kd.stages import models
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     rows = [json.loads(x)["prompt"] for x in train_prompts.read_text().splitlines()]
-    data = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": p},
-                                                     {"role": "assistant", "content": "."}]} for p in rows])
     tokenizer = models.load_tokenizer(teacher_dir)
     student = models.load_model(student_dir, device="cpu", dtype="float32").train()
     teacher = models.load_model(teacher_dir, device="cpu", dtype="float32")
     curve = [{"step": 0, **kl0, "train_s": 0.0, "train_cpu_s": 0.0}]
-    clock = {"t0": time.time(), "cpu0": time.process_time(), "eval": 0.0, "eval_cpu": 0.0}
+    clock = {"t0": time.time(), "cpu0": time.process_time(), "eval": 0.0, "eval_cpu": 0.0, "tokens": 0}
 
     class Eval(TrainerCallback):
         def on_step_end(self, targs, state, control, model=None, **kw):
@@ -248,32 +253,54 @@ def run_trl(args, out: Path, train_prompts: Path, teacher_dir, student_dir, eval
                 clock["eval"] += m["eval_s"]
                 clock["eval_cpu"] += m["eval_cpu_s"]
                 curve.append({"step": step, **m, "train_s": train_s, "train_cpu_s": train_cpu_s})
-                print(f"  [trl] step {step}: held-out KL {m['kl']:.3f}, top-1 {m['top1']:.3f}", flush=True)
+                print(f"  [{name}] step {step}: held-out KL {m['kl']:.3f}, top-1 {m['top1']:.3f}", flush=True)
 
-    config = GKDConfig(
-        output_dir=str(out / "run-trl"), per_device_train_batch_size=args.batch_seqs, max_steps=args.steps,
+    common = dict(
+        output_dir=str(out / f"run-{name}"), per_device_train_batch_size=args.batch_seqs, max_steps=args.steps,
         learning_rate=args.lr, warmup_steps=max(1, args.steps // 10), lr_scheduler_type="cosine",
-        lmbda=1.0, beta=0.0, temperature=1.0, max_new_tokens=args.max_new_tokens, seed=args.seed,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
-        max_length=512, bf16=False, disable_tqdm=True,
+        beta=0.0, temperature=1.0, seed=args.seed, logging_steps=1, save_strategy="no", report_to=[],
+        use_cpu=True, dataloader_num_workers=0, bf16=False, disable_tqdm=True,
     )
-    trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=data,
-                         processing_class=tokenizer, callbacks=[Eval()])
+    if name == "trl":
+        from trl import DistillationConfig, DistillationTrainer
+
+        data = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in rows])
+        config = DistillationConfig(**common, max_completion_length=args.max_new_tokens, gradient_checkpointing=False)
+        trainer_cls, note = DistillationTrainer, "TRL DistillationTrainer (on-policy every step), beta=0; no cache"
+    else:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        data = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": p},
+                                                         {"role": "assistant", "content": "."}]} for p in rows])
+        config = GKDConfig(**common, lmbda=1.0, max_new_tokens=args.max_new_tokens, max_length=512)
+        trainer_cls, note = GKDTrainer, "TRL GKDTrainer, lambda=1, beta=0; no cache"
+
+    class Counting(trainer_cls):
+        def compute_loss(self, model, inputs, *a, **kw):
+            if "completion_mask" in inputs:  # DistillationTrainer
+                clock["tokens"] += int(inputs["completion_mask"].sum())
+            elif "labels" in inputs:  # GKDTrainer: -100 outside the completion
+                clock["tokens"] += int((inputs["labels"][:, 1:] != -100).sum())
+            return super().compute_loss(model, inputs, *a, **kw)
+
+    trainer = Counting(model=student, teacher_model=teacher, args=config, train_dataset=data,
+                       processing_class=tokenizer, callbacks=[Eval()])
     clock["t0"], clock["cpu0"] = time.time(), time.process_time()
     trainer.train()
     wall = time.time() - clock["t0"] - clock["eval"]
     cpu = time.process_time() - clock["cpu0"] - clock["eval_cpu"]
-    return {"variant": "trl", "refresh_every": 1, "fraction": 1.0, "round_prompts": args.batch_seqs,
+    return {"variant": name, "refresh_every": 1, "fraction": 1.0, "round_prompts": args.batch_seqs,
             "rounds": args.steps, "student_tokens": None, "teacher_tokens": None, "refresh_student_tokens": None,
             "refresh_teacher_tokens": None, "gen_s": 0.0, "gen_cpu_s": 0.0, "refresh_gen_s": None,
-            "train_wall_s": wall, "train_cpu_s": cpu, "trained_tokens": None, "mean_staleness": 0.0,
-            "final_loss": None, "curve": curve, "note": "TRL GKDTrainer, lambda=1, beta=0; no cache"}
+            "train_wall_s": wall, "train_cpu_s": cpu, "trained_tokens": None,
+            "trained_completion_tokens": clock["tokens"], "mean_staleness": 0.0,
+            "final_loss": None, "curve": curve, "note": note}
 
 
 def _order(result: dict) -> tuple[int, int]:
     """offline, then N from large to small (on-policy last), then the peer."""
     v = result["variant"]
-    return (0, 0) if v == "offline" else (2, 0) if v == "trl" else (1, -int(v))
+    return (0, 0) if v == "offline" else (2, 0) if v == "trl" else (3, 0) if v == "trl-gkd" else (1, -int(v))
 
 
 def _mean(xs):
@@ -307,7 +334,7 @@ def report(results: list[dict], base: dict, kl0: dict, args, out: Path, machine_
               "cpu s = process CPU time (all threads), steadier than wall-clock on a shared machine."]
     off = by.get("offline")
     for r in results:
-        if not ref or r["variant"] in ("offline", "1", "trl"):
+        if not ref or r["variant"] in ("offline", "1", "trl", "trl-gkd"):
             continue
         kl = r["curve"][-1]["kl"]
         rel = (kl0["kl"] - kl) / (kl0["kl"] - ref["curve"][-1]["kl"])
@@ -317,9 +344,47 @@ def report(results: list[dict], base: dict, kl0: dict, args, out: Path, machine_
         lines.append(f"goal check N={r['variant']}: {100 * rel:.0f}% of the on-policy KL reduction (>= 90%: "
                      f"{rel >= 0.9}) at {100 * cost:.0f}% of its refresh tokens (<= 30%: {cost <= 0.3}); "
                      f"final KL below offline: {beats}")
+    lines += peer_table(results, base)
     text = "\n".join(lines)
     (out / "results.md").write_text(text + "\n")
     return text
+
+
+def _arm_wall(r: dict, base: dict) -> float:
+    """Wall-clock of an arm, evaluation excluded: kd pays for its base cache, TRL generates live."""
+    return r["train_wall_s"] + (0.0 if r["variant"].startswith("trl") else base["gen_s"])
+
+
+def _kl_at(curve: list[dict], t: float, offset: float) -> float | None:
+    """Held-out KL of ``curve`` at wall-clock ``t`` (linear between evaluations; None past its end)."""
+    pts = [(offset + c["train_s"] if c["step"] else 0.0, c["kl"]) for c in curve]
+    for (t0, k0), (t1, k1) in zip(pts, pts[1:]):
+        if t0 <= t <= t1:
+            return k0 + (k1 - k0) * (t - t0) / max(t1 - t0, 1e-9)
+    return None
+
+
+def peer_table(results: list[dict], base: dict) -> list[str]:
+    """Trained completion tokens/s of every arm, and KL at equal wall-clock against each TRL peer."""
+    peers = [r for r in results if r["variant"].startswith("trl")]
+    lines = ["", "| arm | trained completion tokens | wall s | trained tok/s | vs "
+             + " | vs ".join(p["variant"] for p in peers) + " | final held-out KL | "
+             + " | ".join(f"{p['variant']} KL at the same wall-clock" for p in peers) + " |",
+             "|---|---|---|---|" + "---|" * len(peers) + "---|" + "---|" * len(peers)]
+    for r in results:
+        wall, n = _arm_wall(r, base), r.get("trained_completion_tokens")
+        rate = n / wall if n else None
+        ratios = [f"{rate / (p['trained_completion_tokens'] / _arm_wall(p, base)):.2f}x"
+                  if rate and p.get("trained_completion_tokens") else "-" for p in peers]
+        at = []
+        for p in peers:
+            k = None if r is p else _kl_at(p["curve"], wall, 0.0)
+            at.append("-" if k is None else f"{k:.3f}")
+        lines.append(f"| {r['variant']} | {n or '-'} | {wall:.0f} | {'-' if rate is None else f'{rate:.1f}'} | "
+                     + " | ".join(ratios) + f" | {r['curve'][-1]['kl']:.3f} | " + " | ".join(at) + " |")
+    lines.append("wall s: kd arms include the base cache; evaluation excluded everywhere. 'KL at the same "
+                 "wall-clock': the peer's held-out KL curve interpolated at the moment the arm finished.")
+    return lines
 
 
 def _pct(x):
@@ -336,10 +401,11 @@ def plot(results: list[dict], base: dict, out: Path) -> Path:
     for r in results:
         steps = [c["step"] for c in r["curve"]]
         kls = [c["kl"] for c in r["curve"]]
-        label = {"offline": "offline", "1": "on-policy (N=1)", "trl": "TRL GKD (lambda=1)"}.get(
+        label = {"offline": "offline", "1": "on-policy (N=1)", "trl": "TRL DistillationTrainer",
+                 "trl-gkd": "TRL GKDTrainer (lambda=1)"}.get(
             r["variant"], f"refresh N={r['variant']}, lambda={r['fraction']}")
         a.plot(steps, kls, marker="o", label=label)
-        start, start_cpu = (0.0, 0.0) if r["variant"] == "trl" else (base["gen_s"], base["gen_cpu_s"])
+        start, start_cpu = (0.0, 0.0) if r["variant"].startswith("trl") else (base["gen_s"], base["gen_cpu_s"])
         b.plot([start + c["train_s"] for c in r["curve"]], kls, marker="o", label=label)
         c_.plot([start_cpu + c["train_cpu_s"] for c in r["curve"]], kls, marker="o", label=label)
     a.set_xlabel("optimizer steps")
@@ -391,13 +457,13 @@ def main(argv=None) -> None:
     results = [r for r in saved.get("results", []) if r["variant"] not in wanted]
     for name in wanted:
         t = time.time()
-        if name == "trl":
+        if name in ("trl", "trl-gkd"):
             try:
                 import trl  # noqa: F401
             except ImportError:
-                print("trl: skipped (not installed; `pip install --no-deps trl`)", flush=True)
+                print(f"{name}: skipped (not installed; `pip install --no-deps trl`)", flush=True)
                 continue
-            results.append(run_trl(args, out, train_prompts, teacher_dir, student_dir, evaluator, kl0))
+            results.append(_trl_arm(args, out, name, train_prompts, teacher_dir, student_dir, evaluator, kl0))
         else:
             results.append(run_variant(args, name, out, base, train_prompts, student_dir, evaluator, kl0))
         print(f"{name}: {time.time() - t:.1f}s", flush=True)
