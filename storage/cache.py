@@ -1,34 +1,43 @@
 """Open, create, write and read a logit cache on a local path or any fsspec URL.
 
 Commit protocol (one mechanism for local disks and object stores, which have no
-rename): a writer first writes the shard's Zarr group under
-``shards/<name>/``, reads every object back to checksum it, and only then writes
-``commits/<name>.json`` (temp file + rename locally, a single PUT remotely).
-Readers list ``commits/`` and nothing else, so a shard whose writer died is
-invisible, and a rerun rewrites it from scratch. Each shard has exactly one
-writer (names come from disjoint work units), so writers never share a file.
+rename; docs/FORMAT.md section 6): every write attempt of shard ``<name>`` puts
+its Zarr group in a folder of its own, ``shards/<name>.<32 random hex>/``, reads
+every object back to checksum it, and only then creates ``commits/<name>.json``
+*exclusively* (``remote.put_exclusive``: a hard link locally, a conditional PUT
+on S3). The record names its group. Readers list ``commits/`` and open only the
+groups records name, so a shard whose writer died is invisible. Two writers of
+one name (a retry racing a slow original, misconfigured workers) never touch
+each other's objects: exactly one record is created, the loser deletes its own
+group and gets ``ShardExistsError``, and groups of dead writers are garbage for
+``kd cache gc``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-import os
 import uuid
 import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
-import fsspec
 import numpy as np
 import zarr
+import zarr.storage
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from kd import __version__
+from kd.storage import arrays as arrays_mod
+from kd.storage import checks
 from kd.storage import codec as codec_mod
+from kd.storage import remote
 from kd.storage.batch import SequenceBatch
-from kd.storage.errors import CacheError, CorruptShardError
+from kd.storage.errors import CacheError, CorruptShardError, FormatVersionError, ShardExistsError
 from kd.storage.format import (
     COMMIT_SUFFIX,
+    MAX_JSON_BYTES,
     COMMITS_DIR,
     ROOT_ATTR,
     SEQUENCE_ARRAYS,
@@ -39,6 +48,7 @@ from kd.storage.format import (
     ShardRecord,
     canonical_json,
     fingerprint_sha256,
+    parse_group_name,
     parse_shard_name,
 )
 
@@ -53,19 +63,8 @@ def _chunk_rows(row_bytes: int, rows: int) -> int:
     return max(1, min(max(rows, 1), CHUNK_BYTES // max(row_bytes, 1)))
 
 
-def _url_to_fs(url: str):
-    try:
-        fs, root = fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as err:
-        raise CacheError(
-            f"cannot open cache location {url!r}: {err}. Remote URLs need the 'remote' extra "
-            "(pip install 'kd[remote]')."
-        ) from err
-    return fs, root.rstrip("/")
-
-
-def _is_local(fs) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+_url_to_fs = remote.url_to_fs
+_is_local = remote.is_local
 
 
 @dataclass
@@ -76,6 +75,7 @@ class LogitCache:
     header: CacheHeader
     _fs: object
     _root: str
+    _store: object = None
 
     @property
     def fingerprint(self) -> CacheFingerprint:
@@ -88,13 +88,15 @@ class LogitCache:
         fs, root = _url_to_fs(url)
         meta_path = f"{root}/zarr.json"
         try:
-            raw = fs.cat_file(meta_path)
+            raw = fs.cat_file(meta_path, start=0, end=MAX_JSON_BYTES + 1)  # bounded: untrusted input
         except FileNotFoundError:
             raise CacheError(f"no logit cache at {url!r} ({meta_path} does not exist)") from None
+        if len(raw) > MAX_JSON_BYTES:
+            raise CacheError(f"{meta_path} is larger than the limit of {MAX_JSON_BYTES} bytes")
         try:
             meta = json.loads(raw)
-        except ValueError as err:
-            raise CacheError(f"{meta_path} is not valid JSON: {err}") from None
+        except (ValueError, RecursionError) as err:
+            raise CacheError(f"{meta_path} is not valid JSON: {type(err).__name__}: {str(err)[:200]}") from None
         if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
             raise CacheError(f"{url!r} is not a Zarr v3 group (see docs/FORMAT.md)")
         attrs = meta.get("attributes") or {}
@@ -112,18 +114,58 @@ class LogitCache:
             cache = cls.open(url)
             cache.fingerprint.check_same(fingerprint, f"the cache at {url}", "this run")
             return cache
-        if fs.exists(root) and fs.ls(root):
+        # zarr's "*.partial" temp files are what a creator killed before its first rename leaves
+        if fs.exists(root) and [p for p in fs.ls(root, detail=False) if not p.endswith(".partial")]:
             raise CacheError(
                 f"{url!r} exists and is not empty but holds no logit cache; choose another --out"
             )
         header = CacheHeader(fingerprint=fingerprint)
-        group = zarr.open_group(store=url, mode="a", zarr_format=3)
-        group.attrs[ROOT_ATTR] = header.to_dict()
+        # the header goes into the root's first (atomic) metadata write: a creator killed right
+        # after it must not leave a zarr.json without the header (the rerun could not open it)
+        group = zarr.open_group(store=remote.zarr_store(fs, root, url), mode="a", zarr_format=3,
+                                attributes={ROOT_ATTR: header.to_dict()})
         group.require_group(SHARDS_GROUP)
         # Another writer may have created the cache at the same moment: re-read and compare.
         cache = cls.open(url)
         cache.fingerprint.check_same(fingerprint, f"the cache at {url}", "this run")
         return cache
+
+    # ------------------------------------------------------------ paths
+    def zarr_store(self):
+        """The Zarr store on the cache root (one per handle; same retry settings as kd's calls)."""
+        if self._store is None:
+            store = remote.zarr_store(self._fs, self._root, self.url)
+            self._store = store if _is_local(self._fs) else remote.ReadAheadStore(store)
+        return self._store
+
+    @contextlib.contextmanager
+    def read_ahead(self, record: ShardRecord):
+        """Within the block, Zarr reads of ``record``'s shard are served from memory.
+
+        On object stores, all of the shard's objects are fetched first in one concurrent
+        batch (one round trip instead of ~20 sequential ones); locally this does nothing.
+        Objects that cannot be fetched are left to the normal read path (and its errors).
+        """
+        store = self.zarr_store()
+        if not hasattr(store, "hold"):
+            yield
+            return
+        paths = {f"{self._root}/{rel}": rel for rel in record.objects}
+        fetched = self._fs.cat(list(paths), on_error="omit") if paths else {}
+        objects = {paths[p]: data for p, data in fetched.items() if p in paths}
+        store.hold(objects)
+        try:
+            yield
+        finally:
+            store.release(objects)
+
+    def shard_group_path(self, record: ShardRecord) -> str:
+        """Full fsspec path of the group holding ``record``'s data (``<root>/shards/<group>``)."""
+        return f"{self._root}/{record.group_dir}"
+
+    def open_shard_group(self, record: ShardRecord):
+        """The committed shard's Zarr group, read-only."""
+        return zarr.open_group(store=self.zarr_store(), path=record.group_dir, mode="r", zarr_format=3)
 
     # ------------------------------------------------------------ listing
     def _commit_path(self, name: str) -> str:
@@ -143,6 +185,14 @@ class LogitCache:
         # names starting with "." are temporary files of commits in flight
         return sorted(b[: -len(COMMIT_SUFFIX)] for b in bases if b.endswith(COMMIT_SUFFIX) and not b.startswith("."))
 
+    def shard_groups(self) -> list[str]:
+        """Folder names under ``shards/`` (committed or not), sorted; gc and verify compare them with records."""
+        try:
+            paths = self._fs.ls(f"{self._root}/{SHARDS_GROUP}", detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(b for b in (p.rstrip("/").rsplit("/", 1)[-1] for p in paths) if b != "zarr.json")
+
     def committed_shards(self) -> list[ShardRecord]:
         """Commit records of every committed shard, sorted by name."""
         return [self.load_record(name) for name in self.committed_shard_names()]
@@ -150,11 +200,17 @@ class LogitCache:
     def load_record(self, name: str) -> ShardRecord:
         path = self._commit_path(parse_shard_name(name))
         try:
-            record = ShardRecord.from_dict(json.loads(self._fs.cat_file(path)), where=path)
-        except FileNotFoundError:
-            raise CacheError(f"shard {name!r} is not committed in {self.url}") from None
-        except ValueError as err:
-            raise CorruptShardError(name, f"commit record {path} is not valid JSON ({err})") from None
+            data = arrays_mod.read_json(self._fs, path, None, name, f"commit record {path}")
+        except CorruptShardError as err:
+            if not self._fs.exists(path):
+                raise CacheError(f"shard {name!r} is not committed in {self.url}") from None
+            raise err from None
+        try:
+            record = ShardRecord.from_dict(data, where=path)
+        except FormatVersionError:
+            raise
+        except CacheError as err:  # an untrusted record: bad path, count, field
+            raise CorruptShardError(name, str(err)) from None
         if record.name != name:
             raise CorruptShardError(name, f"commit record names shard {record.name!r}")
         if record.fingerprint_sha256 != fingerprint_sha256(self.fingerprint):
@@ -163,14 +219,17 @@ class LogitCache:
 
     # ------------------------------------------------------------ writing
     def write_shard(self, name: str, batch: SequenceBatch, provenance: dict) -> ShardRecord:
-        """Write ``batch`` as shard ``name`` and commit it atomically; return its record.
+        """Write ``batch`` as shard ``name`` in a group of its own and commit it exclusively.
 
-        Refuses a name that is already committed (shards are immutable).
+        Returns the record. Raises ShardExistsError when ``name`` is committed already,
+        before writing or because another writer committed it first (then this
+        attempt's group is removed: shards are immutable, the first commit wins).
+        A failure before the commit leaves an invisible group for ``kd cache gc``.
         """
         parse_shard_name(name)
         fp = self.fingerprint
         if self.is_committed(name):
-            raise CacheError(f"shard {name!r} is already committed in {self.url}; shards are immutable")
+            raise ShardExistsError(f"shard {name!r} is already committed in {self.url}; shards are immutable")
         batch.validate(vocab_size=fp.tokenizer.vocab_size, where=f"shard {name!r}")
         if batch.k != fp.k:
             raise CacheError(f"shard {name!r}: batch has k={batch.k} but the cache has k={fp.k}")
@@ -179,10 +238,14 @@ class LogitCache:
         except (TypeError, ValueError) as err:
             raise CacheError(f"shard {name!r}: provenance must be plain JSON ({err})") from None
 
-        shard_dir = f"{self._root}/{SHARDS_GROUP}/{name}"
-        if self._fs.exists(shard_dir):  # leftovers of a writer that died before committing
-            self._fs.rm(shard_dir, recursive=True)
-        group = zarr.open_group(store=self.url, path=f"{SHARDS_GROUP}/{name}", mode="w", zarr_format=3)
+        # A fresh group per attempt: nothing another writer made is ever overwritten or removed.
+        group_name = parse_group_name(f"{name}.{uuid.uuid4().hex}", name)
+        group_rel = f"{SHARDS_GROUP}/{group_name}"
+        shard_dir = f"{self._root}/{group_rel}"
+        # The group is built in memory, then its objects are uploaded concurrently: on object
+        # stores that is one PUT per object instead of zarr's existence checks and listings.
+        built: dict = {}
+        group = zarr.open_group(store=zarr.storage.MemoryStore(built), mode="w", zarr_format=3)
         group.attrs["kd_provenance"] = provenance
         level = fp.codec.zstd_level
 
@@ -230,11 +293,14 @@ class LogitCache:
         for array_name, spec in specs.items():
             put(array_name, np.ascontiguousarray(encoded[array_name]), spec.shuffle, attrs.get(array_name))
 
-        objects = {}
-        for path in sorted(self._fs.find(shard_dir)):
-            data = self._fs.cat_file(path)
-            rel = path[len(self._root) + 1 :]
-            objects[rel] = {"size": len(data), "sha256": _sha256(data)}
+        objects = {f"{group_rel}/{key}": {"size": len(buf), "sha256": _sha256(buf.to_bytes())}
+                   for key, buf in sorted(built.items())}
+        self._upload(group_rel, built)
+        stored = self._fs.find(shard_dir, detail=True)  # what a reader will see
+        for rel, meta in objects.items():
+            got = stored.get(f"{self._root}/{rel}", {}).get("size")
+            if got != meta["size"]:
+                raise CacheError(f"shard {name!r}: object {rel} has {got} bytes after upload, expected {meta['size']}")
         record = ShardRecord(
             name=name,
             num_sequences=batch.num_sequences,
@@ -243,22 +309,33 @@ class LogitCache:
             objects=objects,
             provenance={**provenance, "kd_version": provenance.get("kd_version", __version__)},
             fingerprint_sha256=fingerprint_sha256(fp),
+            group=group_name,
         )
-        self._commit(name, canonical_json(record.to_dict()).encode())
+        if not self._commit(name, canonical_json(record.to_dict()).encode()):
+            try:  # the loser cleans up its own group; if it dies first, gc does
+                self._fs.rm(shard_dir, recursive=True)
+            except OSError:
+                pass
+            raise ShardExistsError(
+                f"shard {name!r} was committed in {self.url} by another writer while this one wrote it; "
+                "the first commit wins and this attempt was discarded"
+            )
         return record
 
-    def _commit(self, name: str, payload: bytes) -> None:
-        path = self._commit_path(name)
-        if _is_local(self._fs):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{os.path.dirname(path)}/.{name}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        else:
-            self._fs.pipe_file(path, payload)
+    def _upload(self, group_rel: str, built: dict) -> None:
+        """Store every object of a group built in memory, concurrently (zarr's own I/O, retries included)."""
+        from zarr.core.sync import sync
+
+        store = self.zarr_store()
+
+        async def put_all():
+            await asyncio.gather(*(store.set(f"{group_rel}/{key}", buf) for key, buf in built.items()))
+
+        sync(put_all())
+
+    def _commit(self, name: str, payload: bytes) -> bool:
+        """Create the commit record exclusively; False if a record for ``name`` exists already."""
+        return remote.put_exclusive(self._fs, self._commit_path(name), payload)
 
     # ------------------------------------------------------------ reading
     def read_shard(self, name: str | ShardRecord) -> ShardReader:
@@ -280,60 +357,45 @@ def _sha256(data: bytes) -> str:
 
 
 class ShardReader:
-    """Reads sequences [start, stop) of one committed shard, decoding only the chunks they touch."""
+    """Reads sequences [start, stop) of one committed shard, decoding only the chunks they touch.
+
+    The shard is untrusted input: on open, ``kd.storage.arrays`` checks every array's metadata,
+    shard index and stored size against the format and the commit record before zarr reads a
+    byte of data, and ``kd.storage.checks`` checks the per-sequence arrays; every ``read`` checks
+    the values it decodes. Anything wrong raises ``CorruptShardError`` naming the shard and the
+    first bad index; I/O errors (``OSError``) pass through, since they are not corruption.
+    """
 
     def __init__(self, cache: LogitCache, record: ShardRecord):
         self.cache = cache
         self.record = record
         self.name = record.name
-        try:
-            self._group = zarr.open_group(
-                store=cache.url, path=f"{SHARDS_GROUP}/{record.name}", mode="r", zarr_format=3
-            )
-            seq = {n: self._array(n)[...] for n in SEQUENCE_ARRAYS}
-        except (CorruptShardError, OSError, TimeoutError):
-            raise
-        except Exception as err:  # zarr raises many types on damaged metadata or chunks
-            raise CorruptShardError(record.name, f"cannot read its sequence arrays ({type(err).__name__}: {err})") from None
+        fp = cache.fingerprint
+        self._position_specs = codec_mod.position_arrays(fp.codec, fp.k, fp.tokenizer.vocab_size)
+        self._arrays = self._guard("cannot open its arrays", lambda: arrays_mod.open_shard_arrays(
+            cache, record, _schemas(record, self._position_specs)))
+        seq = self._guard("cannot read its sequence arrays",
+                          lambda: {n: self._arrays[n][...] for n in SEQUENCE_ARRAYS})
+        problems = checks.check_sequence_arrays(seq, record)
+        if problems:
+            raise CorruptShardError(self.name, "; ".join(problems))
         self._seq = seq
-        self._check_sequence_arrays()
-        self._check_objects_present()
+
+    def _guard(self, what: str, fn):
+        """Run ``fn``; kd errors become CorruptShardError of this shard, I/O errors pass through."""
+        try:
+            return fn()
+        except CorruptShardError:
+            raise
+        except (OSError, TimeoutError):
+            raise  # transient I/O errors are not corruption: let the caller retry or fail
+        except CacheError as err:
+            raise CorruptShardError(self.name, str(err)) from None
+        except Exception as err:  # noqa: BLE001 (zarr/blosc/crc32c raise many types on damaged bytes)
+            raise CorruptShardError(self.name, f"{what} ({type(err).__name__}: {err})") from None
 
     def _array(self, name: str):
-        try:
-            return self._group[name]
-        except KeyError:
-            raise CorruptShardError(self.name, f"array {name!r} is missing") from None
-
-    def _check_sequence_arrays(self) -> None:
-        r, s = self.record, self._seq
-        n = r.num_sequences
-        for name in SEQUENCE_ARRAYS:
-            expected = n + 1 if name.endswith("_offsets") else n
-            if s[name].shape != (expected,):
-                raise CorruptShardError(self.name, f"{name} has shape {s[name].shape}, record says ({expected},)")
-        for name, total in (("seq_offsets", r.num_tokens), ("pos_offsets", r.num_positions)):
-            off = s[name]
-            if off[0] != 0 or off[-1] != total or (np.diff(off) < 0).any():
-                raise CorruptShardError(self.name, f"{name} is not a non-decreasing 0..{total} CSR offset array")
-        lengths = np.diff(s["seq_offsets"])
-        cs = s["completion_start"]
-        if ((cs < 1) | (cs > lengths)).any():
-            raise CorruptShardError(self.name, "a completion_start lies outside its sequence")
-        if not np.array_equal(np.diff(s["pos_offsets"]), lengths - cs):
-            raise CorruptShardError(self.name, "pos_offsets disagree with sequence lengths and completion starts")
-
-    def _check_objects_present(self) -> None:
-        # Zarr reads a missing chunk file as fill values: check the listing so a
-        # deleted object is an error, not silent zeros.
-        fs, root = self.cache._fs, self.cache._root
-        try:
-            present = {p[len(root) + 1 :] for p in fs.find(f"{root}/{SHARDS_GROUP}/{self.name}")}
-        except FileNotFoundError:
-            present = set()
-        missing = sorted(set(self.record.objects) - present)
-        if missing:
-            raise CorruptShardError(self.name, f"{len(missing)} object(s) are missing, e.g. {missing[0]}")
+        return self._arrays[name]
 
     @property
     def num_sequences(self) -> int:
@@ -344,30 +406,28 @@ class ShardReader:
         """The shard's small per-sequence arrays (offsets, completion starts, ...), read on open."""
         return self._seq
 
-    def read(self, start: int = 0, stop: int | None = None) -> SequenceBatch:
-        """Decoded sequences [start, stop)."""
+    def _range(self, start: int, stop: int | None) -> tuple[int, int]:
         n = self.num_sequences
         stop = n if stop is None else min(stop, n)
-        start = max(0, min(start, stop))
+        return max(0, min(start, stop)), stop
+
+    def read(self, start: int = 0, stop: int | None = None, check: bool = True) -> SequenceBatch:
+        """Decoded sequences [start, stop).
+
+        With ``check`` (the default) the decoded values are checked (ids < vocab_size, log-prob
+        rules; ``kd.storage.checks``) and the first problem raises CorruptShardError;
+        ``kd cache verify`` passes False and collects every problem itself.
+        """
+        start, stop = self._range(start, stop)
         s = self._seq
         t0, t1 = int(s["seq_offsets"][start]), int(s["seq_offsets"][stop])
-        p0, p1 = int(s["pos_offsets"][start]), int(s["pos_offsets"][stop])
+        p0 = int(s["pos_offsets"][start])
         fp = self.cache.fingerprint
-        try:
-            token_ids = self._array("token_ids")[t0:t1]
-            stored = {
-                name: self._array(name)[p0:p1]
-                for name in codec_mod.position_arrays(fp.codec, fp.k, fp.tokenizer.vocab_size)
-            }
-        except (CorruptShardError, OSError, TimeoutError):
-            raise  # transient I/O errors are not corruption: let the caller retry or fail
-        except Exception as err:  # zarr/blosc/crc32c raise many types on damaged bytes
-            raise CorruptShardError(self.name, f"cannot decode its chunks ({type(err).__name__}: {err})") from None
-        try:
-            ids, lps, tail, target, behaviour = codec_mod.decode(stored, fp.codec)
-        except CacheError as err:
-            raise CorruptShardError(self.name, str(err)) from None
-        return SequenceBatch(
+        token_ids = self._guard("cannot decode its chunks", lambda: self._array("token_ids")[t0:t1])
+        stored = self.stored_position_arrays(start, stop)
+        ids, lps, tail, target, behaviour = self._guard(
+            "cannot decode its position arrays", lambda: codec_mod.decode(stored, fp.codec))
+        batch = SequenceBatch(
             token_ids=token_ids,
             seq_offsets=s["seq_offsets"][start : stop + 1] - t0,
             completion_start=s["completion_start"][start:stop],
@@ -381,14 +441,31 @@ class ShardReader:
             prompt_index=s["prompt_index"][start:stop],
             sample_index=s["sample_index"][start:stop],
         )
+        if check:
+            problems = checks.check_decoded(batch, fp.tokenizer.vocab_size, start, p0,
+                                            ids_sorted=fp.codec.name == "sqrtq")
+            if problems:
+                raise CorruptShardError(self.name, problems[0])
+        return batch
 
     def stored_position_arrays(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
         """The raw (still encoded) position arrays of sequences [start, stop), for verify and copy."""
+        start, stop = self._range(start, stop)
         s = self._seq
-        stop = self.num_sequences if stop is None else stop
         p0, p1 = int(s["pos_offsets"][start]), int(s["pos_offsets"][stop])
-        fp = self.cache.fingerprint
-        return {
-            name: self._array(name)[p0:p1]
-            for name in codec_mod.position_arrays(fp.codec, fp.k, fp.tokenizer.vocab_size)
-        }
+        return self._guard("cannot decode its chunks", lambda: {
+            name: self._array(name)[p0:p1] for name in self._position_specs
+        })
+
+
+def _schemas(record: ShardRecord, position_specs: dict) -> dict[str, arrays_mod.ArraySchema]:
+    """Every array the format prescribes for ``record``: dtype, exact shape, read whole or sliced."""
+    n, t, p = record.num_sequences, record.num_tokens, record.num_positions
+    out = {
+        name: arrays_mod.ArraySchema(dtype, (n + 1,) if name.endswith("_offsets") else (n,), False)
+        for name, dtype in SEQUENCE_ARRAYS.items()
+    }
+    out.update({name: arrays_mod.ArraySchema(dtype, (t,), True) for name, dtype in TOKEN_ARRAYS.items()})
+    for name, spec in position_specs.items():
+        out[name] = arrays_mod.ArraySchema(spec.dtype, (p, spec.columns) if spec.columns else (p,), True)
+    return out

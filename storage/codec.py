@@ -156,7 +156,15 @@ def decode(
     deltas, codes, tail_code = stored["topk_id_deltas"], stored["topk_codes"], stored["tail_code"]
     if (codes.size and int(codes.max()) > codec.levels) or (tail_code.size and int(tail_code.max()) > codec.levels):
         raise CacheError(f"sqrtq codes exceed levels={codec.levels}")
-    ids = np.cumsum(deltas, axis=1, dtype=np.int32)
+    # int32 sums cannot overflow for uint16 deltas when k < 32768; otherwise sum in int64 and
+    # refuse ids past int32 (a crafted row must not wrap around into the vocabulary)
+    if deltas.dtype == np.uint16 and deltas.shape[1] < 32768:
+        ids = np.cumsum(deltas, axis=1, dtype=np.int32)
+    else:
+        wide = np.cumsum(deltas, axis=1, dtype=np.int64)
+        if wide.size and int(wide[:, -1].max()) > np.iinfo(np.int32).max:
+            raise CacheError("sqrtq top-k ids exceed the int32 range")
+        ids = wide.astype(np.int32)
     lut_p, lut_logp = _SqrtLut.get(codec.levels)
     # np.take is several times faster than fancy indexing for small integer codes
     norm = np.log(np.take(lut_p, codes).sum(axis=1, dtype=np.float32) + np.take(lut_p, tail_code))  # (P,)

@@ -34,5 +34,9 @@ class CorruptShardError(CacheError):
         self.problem = problem
 
 
+class ShardExistsError(CacheError):
+    """A shard name is committed already (shards are immutable; the first commit wins)."""
+
+
 class FingerprintMismatchError(CacheError):
     """Two parties (cache vs writer, cache vs student, cache vs cache) disagree."""

@@ -17,8 +17,11 @@ from typing import Any
 from kd.storage.errors import CacheError, FingerprintMismatchError, FormatVersionError
 
 FORMAT_NAME = "kd-logit-cache"
-FORMAT_VERSION = (1, 0)
-"""(major, minor). Readers refuse another major; a newer minor only adds fields old readers ignore."""
+FORMAT_VERSION = (2, 0)
+"""(major, minor) this kd writes. A newer minor only adds fields old readers ignore."""
+READABLE_MAJORS = (1, 2)
+"""Major versions this kd reads. 2.0 moved each write attempt into its own shard group
+(``ShardRecord.group``); 1.x records (no group, data in ``shards/<name>/``) stay readable."""
 
 ROOT_ATTR = "kd"
 """Key of the root group's attributes that holds the cache header."""
@@ -28,6 +31,8 @@ COMMIT_SUFFIX = ".json"
 
 SHARD_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 """Shard names are plain path components: no '/', no '..', no absolute paths, no URLs."""
+GROUP_SUFFIX_RE = re.compile(r"^\.[0-9a-f]{32}$")
+"""A shard group is ``<name>.<32 hex>``: one unique folder per write attempt (format 2.0)."""
 
 # Per-sequence `source` codes (uint8).
 SOURCES = ("dataset", "teacher", "student")
@@ -46,6 +51,36 @@ SEQUENCE_ARRAYS = {
 }
 TOKEN_ARRAYS = {"token_ids": "int32"}  # (T,)
 
+# ---- Limits a reader checks before it allocates or decompresses anything (docs/FORMAT.md, "Security").
+# A cache is untrusted input: every count, shape and size it declares is checked against these and
+# against each other first, so a crafted cache cannot make a reader allocate more than a bounded
+# multiple of what it asked for.
+MAX_JSON_BYTES = 16 << 20
+"""Largest commit record or zarr.json a reader parses."""
+MAX_SHARD_SEQUENCES = 1 << 22
+"""Sequences per shard (the per-sequence arrays, ~33 bytes a sequence, are read when a shard opens)."""
+MAX_SHARD_TOKENS = 1 << 34
+"""Tokens per shard."""
+MAX_SHARD_OBJECTS = 1 << 16
+"""Objects a commit record may list."""
+MAX_CHUNK_BYTES = 16 << 20
+"""Largest uncompressed inner chunk (writers aim at 1 MiB)."""
+MAX_CHUNKS_PER_SHARD = 1 << 16
+"""Inner chunks per Zarr shard file (its index is 16 bytes a chunk)."""
+MAX_COMPRESSION_RATIO = 1 << 16
+"""A shard's declared decoded bytes (token ids and position arrays) may exceed its stored bytes
+by at most this factor (plus ``COMPRESSION_SLACK_BYTES``). blosc-zstd reaches about 30,000 on
+constant 16 MiB chunks, so real data never trips it; a size bomb does."""
+COMPRESSION_SLACK_BYTES = 64 << 20
+"""Decoded bytes a shard may declare beyond the ratio above (chunks equal to the fill value are
+not stored at all)."""
+LOGPROB_TOLERANCE = 1e-3
+"""Target and behaviour log-probs above this are refused (float16 rounding stays far below it)."""
+
+OBJECT_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
+"""One component of an object path under a shard group (array names, 'zarr.json', chunk keys)."""
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
 
 def format_version_str() -> str:
     return f"{FORMAT_VERSION[0]}.{FORMAT_VERSION[1]}"
@@ -56,10 +91,11 @@ def parse_format_version(value: Any, where: str) -> tuple[int, int]:
     if not isinstance(value, str) or not re.fullmatch(r"\d+\.\d+", value):
         raise CacheError(f"{where}: format_version must look like '1.0', got {value!r}")
     major, minor = (int(x) for x in value.split("."))
-    if major != FORMAT_VERSION[0]:
+    if major not in READABLE_MAJORS:
+        readable = " and ".join(str(m) for m in READABLE_MAJORS)
         raise FormatVersionError(
             f"{where}: format_version {value} is not readable by this kd "
-            f"(it reads major version {FORMAT_VERSION[0]}, any minor). "
+            f"(it reads major versions {readable}, any minor). "
             + (
                 "Upgrade kd (pip install -U kd)."
                 if major > FORMAT_VERSION[0]
@@ -74,6 +110,17 @@ def parse_shard_name(value: Any, where: str = "shard name") -> str:
         raise CacheError(
             f"{where}: {value!r} is not a valid shard name (lowercase letters, digits, "
             "'.', '_', '-'; at most 128 characters; no path separators)"
+        )
+    return value
+
+
+def parse_group_name(value: Any, name: str, where: str = "shard group") -> str:
+    """A shard group MUST be ``<name>.<32 lowercase hex>`` for the record's own shard name."""
+    if not (isinstance(value, str) and value.startswith(name)
+            and GROUP_SUFFIX_RE.match(value[len(name):])):
+        raise CacheError(
+            f"{where}: {value!r} is not a valid group of shard {name!r} "
+            f"(expected '{name}.' followed by 32 lowercase hex digits)"
         )
     return value
 
@@ -283,6 +330,9 @@ class ShardRecord:
 
     ``objects`` maps each stored object of the shard (a path relative to the cache
     root) to its size and sha256; ``provenance`` says how the data was made.
+    ``group`` is the folder under ``shards/`` holding the data, ``<name>.<32 hex>``
+    (one per write attempt, format 2.0); empty in 1.x records, whose data is in
+    ``shards/<name>/``. Use ``group_dir`` for the path.
     """
 
     name: str
@@ -293,9 +343,18 @@ class ShardRecord:
     provenance: dict
     fingerprint_sha256: str
     format_version: str = field(default_factory=format_version_str)
+    group: str = ""
+
+    @property
+    def group_dir(self) -> str:
+        """The shard group's path relative to the cache root: ``shards/<group>`` (1.x: ``shards/<name>``)."""
+        return f"{SHARDS_GROUP}/{self.group or self.name}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.group:
+            d.pop("group")  # a 1.x record stays byte-identical when copied
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> ShardRecord:
@@ -304,27 +363,71 @@ class ShardRecord:
         version = _require(d, "format_version", str, where)
         parse_format_version(version, where)
         name = parse_shard_name(_require(d, "name", str, where), f"{where}.name")
+        group = ""
+        if int(version.split(".")[0]) >= 2:
+            group = parse_group_name(_require(d, "group", str, where), name, f"{where}.group")
         objects = _require(d, "objects", dict, where)
-        prefix = f"{SHARDS_GROUP}/{name}/"
+        prefix = f"{SHARDS_GROUP}/{group or name}/"
+        if len(objects) > MAX_SHARD_OBJECTS:
+            raise CacheError(f"{where}.objects: {len(objects)} objects, more than the limit {MAX_SHARD_OBJECTS}")
         for path, meta in objects.items():
-            if not (isinstance(path, str) and path.startswith(prefix) and ".." not in path.split("/")):
-                raise CacheError(f"{where}.objects: path {path!r} is outside {prefix!r}")
-            if not (isinstance(meta, dict) and isinstance(meta.get("size"), int)
-                    and isinstance(meta.get("sha256"), str)):
-                raise CacheError(f"{where}.objects[{path!r}]: needs integer 'size' and 'sha256'")
-        counts = {}
-        for key in ("num_sequences", "num_tokens", "num_positions"):
-            counts[key] = _require(d, key, int, where)
-            if counts[key] < 0:
-                raise CacheError(f"{where}.{key}: must be >= 0, got {counts[key]}")
+            parse_object_path(path, prefix, f"{where}.objects")
+            size = meta.get("size") if isinstance(meta, dict) else None
+            if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0
+                    and isinstance(meta.get("sha256"), str) and SHA256_RE.match(meta["sha256"])):
+                raise CacheError(
+                    f"{where}.objects[{path!r}]: needs an integer 'size' >= 0 and a 64-hex 'sha256'"
+                )
+        counts = parse_counts(d, where)
         return cls(
             name=name,
             objects=objects,
             provenance=_require(d, "provenance", dict, where),
             fingerprint_sha256=_require(d, "fingerprint_sha256", str, where),
             format_version=version,
+            group=group,
             **counts,
         )
+
+
+def parse_object_path(path: Any, prefix: str, where: str) -> str:
+    """An object path of a commit record: ``prefix`` (``shards/<group>/``) then plain components.
+
+    Refuses '..', '.', empty components, absolute paths, URLs, backslashes and anything else a
+    path could use to leave the shard group (docs/FORMAT.md, section 2).
+    """
+    ok = isinstance(path, str) and path.startswith(prefix) and len(path) <= 1024
+    if ok:
+        parts = path[len(prefix):].split("/")
+        ok = all(OBJECT_PART_RE.match(part) and part not in (".", "..") for part in parts)
+    if not ok:
+        raise CacheError(
+            f"{where}: path {path!r} is outside {prefix!r} (object paths are '{prefix}' followed by "
+            "plain names: no '..', no absolute paths, no URLs)"
+        )
+    return path
+
+
+def parse_counts(d: dict, where: str) -> dict[str, int]:
+    """num_sequences / num_tokens / num_positions of a record: within the limits and consistent.
+
+    Every sequence holds at least one token (completion_start >= 1) and predicts at most
+    length - 1 positions, so N <= T and P <= T - N.
+    """
+    limits = {"num_sequences": MAX_SHARD_SEQUENCES, "num_tokens": MAX_SHARD_TOKENS,
+              "num_positions": MAX_SHARD_TOKENS}
+    counts = {}
+    for key, limit in limits.items():
+        counts[key] = _require(d, key, int, where)
+        if not 0 <= counts[key] <= limit:
+            raise CacheError(f"{where}.{key}: must be in [0, {limit}], got {counts[key]}")
+    n, t, p = counts["num_sequences"], counts["num_tokens"], counts["num_positions"]
+    if n > t or p > t - n:
+        raise CacheError(
+            f"{where}: counts are inconsistent (num_sequences={n}, num_tokens={t}, num_positions={p}; "
+            "a shard needs num_sequences <= num_tokens and num_positions <= num_tokens - num_sequences)"
+        )
+    return counts
 
 
 def fingerprint_sha256(fp: CacheFingerprint) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kd.storage import checks
 from kd.storage import codec as codec_mod
 from kd.storage.cache import LogitCache, ShardReader
 from kd.storage.errors import KdError
@@ -69,6 +70,7 @@ def verify_cache(url: str) -> VerifyReport:
     except FileNotFoundError:
         commit_files = []
     committed = set()
+    referenced = set()  # group folders named by records (or possibly, when a record is unreadable)
     for base in commit_files:
         if base.startswith("."):
             continue
@@ -80,14 +82,12 @@ def verify_cache(url: str) -> VerifyReport:
             record = cache.load_record(name)
         except KdError as err:
             report.problems.append((where, str(err)))
+            referenced.update(g for g in cache.shard_groups() if g == name or g.startswith(f"{name}."))
             continue
+        referenced.add(record.group_dir.rsplit("/", 1)[-1])
         for problem in _check_shard(cache, record):
             report.problems.append((where, problem))
-    try:
-        shard_dirs = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/{SHARDS_GROUP}", detail=False)]
-    except FileNotFoundError:
-        shard_dirs = []
-    report.leftovers = [f"{url}/{SHARDS_GROUP}/{d}" for d in sorted(shard_dirs) if d not in committed and d != "zarr.json"]
+    report.leftovers = [f"{url}/{SHARDS_GROUP}/{g}" for g in cache.shard_groups() if g not in referenced]
     return report
 
 
@@ -137,46 +137,25 @@ def _check_schema(cache: LogitCache, reader: ShardReader) -> list[str]:
 
 
 def _check_values(cache: LogitCache, reader: ShardReader, start: int, stop: int) -> list[str]:
+    """Every value rule (kd.storage.checks) on sequences [start, stop), plus the codec's own rules."""
     fp = cache.fingerprint
-    vocab = fp.tokenizer.vocab_size
-    problems = []
+    batch = reader.read(start, stop, check=False)
+    p0 = int(reader.sequence_arrays["pos_offsets"][start])
+    problems = checks.check_decoded(batch, fp.tokenizer.vocab_size, start, p0, ids_sorted=fp.codec.name == "sqrtq")
     stored = reader.stored_position_arrays(start, stop)
-    batch = reader.read(start, stop)
-    where = f"sequences {start}..{stop - 1}"
-    if batch.token_ids.size and (batch.token_ids.min() < 0 or batch.token_ids.max() >= vocab):
-        problems.append(f"{where}: token ids outside [0, vocab_size={vocab})")
     if fp.codec.name == "sqrtq":
-        deltas = stored["topk_id_deltas"]
-        if deltas.shape[1] > 1 and (deltas[:, 1:] == 0).any():
-            problems.append(f"{where}: top-k ids do not strictly increase within a row (repeated id)")
-        codes = np.concatenate([stored["topk_codes"].ravel(), stored["tail_code"].ravel()])
-        if codes.size and codes.max() > fp.codec.levels:
-            problems.append(f"{where}: sqrtq codes exceed levels={fp.codec.levels}")
         lut_p, _ = codec_mod._SqrtLut.get(fp.codec.levels)
-        codes_ok = np.minimum(stored["topk_codes"], fp.codec.levels)
-        total = lut_p[codes_ok].sum(1, dtype=np.float64) + lut_p[np.minimum(stored["tail_code"], fp.codec.levels)]
+        total = lut_p[stored["topk_codes"]].sum(1, dtype=np.float64) + lut_p[stored["tail_code"]]
         bound = codec_mod.max_normalization_error(fp.codec, fp.k)
         if total.size and np.abs(total - 1).max() > bound + 1e-6:
             row = int(np.argmax(np.abs(total - 1)))
-            problems.append(f"{where}: decoded probabilities of row {row} sum to {total[row]:.4f}, off by more than the rounding bound {bound:.4f}")
+            problems.append(
+                f"decoded probabilities of position row {p0 + row} sum to {total[row]:.4f}, off by more "
+                f"than the rounding bound {bound:.4f}"
+            )
     else:
         lp = stored["topk_logprobs"]
-        if lp.size and not (np.isfinite(lp).all() and (lp <= 0).all()):
-            problems.append(f"{where}: top-k log-probs must be finite and <= 0")
-        elif lp.shape[1] > 1 and (np.diff(lp, axis=1) > 0).any():
-            problems.append(f"{where}: raw top-k log-probs are not sorted descending (rank order)")
-        srt = np.sort(stored["topk_ids"], axis=1)
-        if srt.shape[1] > 1 and (np.diff(srt, axis=1) == 0).any():
-            problems.append(f"{where}: a row repeats a top-k id")
-        tail = stored["tail_logprob"]
-        if tail.size and (np.isnan(tail).any() or (tail > 0).any()):
-            problems.append(f"{where}: tail log-probs must be <= 0 (or -inf)")
-    if batch.topk_ids.size and (batch.topk_ids.min() < 0 or batch.topk_ids.max() >= vocab):
-        problems.append(f"{where}: top-k ids outside [0, vocab_size={vocab})")
-    t = batch.target_logprobs
-    if t.size and (np.isnan(t).any() or (t > 1e-3).any()):
-        problems.append(f"{where}: target log-probs must be <= 0 and not NaN")
-    b = batch.behaviour_logprobs
-    if b.size and (b[~np.isnan(b)] > 1e-3).any():
-        problems.append(f"{where}: behaviour log-probs must be <= 0 or NaN")
+        rows = np.flatnonzero((np.diff(lp, axis=1) > 0).any(axis=1)) if lp.shape[1] > 1 else ()
+        if len(rows):
+            problems.append(f"raw top-k log-probs of position row {p0 + int(rows[0])} are not sorted descending")
     return problems

@@ -121,10 +121,10 @@ def test_uncommitted_shard_is_invisible_and_rewritten(tmp_path, make_batch, make
     with pytest.raises(OSError):
         cache.write_shard("lost", batch, {})
     monkeypatch.undo()
-    assert (tmp_path / "c" / "shards" / "lost").exists()  # data written ...
+    [lost] = (tmp_path / "c" / "shards").glob("lost.*")  # data written in its own group ...
     assert [r.name for r in cache.committed_shards()] == ["keep"]  # ... but not visible
     report = verify_cache(url)
-    assert report.ok and report.leftovers == [f"{url}/shards/lost"]
+    assert report.ok and report.leftovers == [f"{url}/shards/{lost.name}"]
     cache.write_shard("lost", batch, {})  # a rerun rewrites it
     assert [r.name for r in cache.committed_shards()] == ["keep", "lost"]
     assert verify_cache(url).ok
@@ -178,7 +178,7 @@ def _flip_byte(path: Path, offset: int | None = None) -> None:
 def test_verify_catches_a_flipped_byte_in_any_object(tmp_path, make_batch, make_fingerprint):
     src = tmp_path / "src"
     LogitCache.create(str(src), make_fingerprint()).write_shard("s0", make_batch(np.random.default_rng(3)), {})
-    objects = sorted(p.relative_to(src) for p in (src / "shards" / "s0").rglob("*") if p.is_file())
+    objects = sorted(p.relative_to(src) for p in next((src / "shards").glob("s0.*")).rglob("*") if p.is_file())
     assert len(objects) > 10
     import shutil
 
@@ -194,7 +194,7 @@ def test_verify_catches_a_flipped_byte_in_any_object(tmp_path, make_batch, make_
 def test_reader_refuses_a_corrupt_chunk_naming_the_shard(tmp_path, make_batch, make_fingerprint):
     url = tmp_path / "c"
     LogitCache.create(str(url), make_fingerprint()).write_shard("s0", make_batch(np.random.default_rng(4)), {})
-    chunk = next(p for p in (url / "shards" / "s0" / "topk_codes").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk = next(p for p in (next((url / "shards").glob("s0.*")) / "topk_codes").rglob("*") if p.is_file() and p.name != "zarr.json")
     _flip_byte(chunk, 20)
     with pytest.raises(CorruptShardError, match="'s0'"):
         LogitCache.open(str(url)).read_shard("s0").read()
@@ -223,7 +223,7 @@ def test_writer_refuses_invalid_batches_before_writing(tmp_path, make_batch, mak
     batch.token_ids[0] = 100
     with pytest.raises(CacheError, match="token_ids has ids outside"):
         cache.write_shard("bad", batch, {})
-    assert not (url / "shards" / "bad").exists()
+    assert not list((url / "shards").glob("bad*"))
     assert [r.name for r in cache.committed_shards()] == ["good"]
     with pytest.raises(CacheError, match="already committed"):
         cache.write_shard("good", make_batch(np.random.default_rng(6)), {})
@@ -249,13 +249,13 @@ def test_unknown_major_version_is_refused(tmp_path, make_batch, make_fingerprint
     url = tmp_path / "c"
     LogitCache.create(str(url), make_fingerprint())
     meta = json.loads((url / "zarr.json").read_text())
-    meta["attributes"]["kd"]["format_version"] = "2.0"
+    meta["attributes"]["kd"]["format_version"] = "3.0"
     (url / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(FormatVersionError, match="format_version 2.0 is not readable.*Upgrade kd"):
+    with pytest.raises(FormatVersionError, match="format_version 3.0 is not readable.*Upgrade kd"):
         LogitCache.open(str(url))
-    meta["attributes"]["kd"]["format_version"] = "1.7"  # a newer minor is fine
+    meta["attributes"]["kd"]["format_version"] = "2.7"  # a newer minor is fine
     (url / "zarr.json").write_text(json.dumps(meta))
-    assert LogitCache.open(str(url)).header.format_version == "1.7"
+    assert LogitCache.open(str(url)).header.format_version == "2.7"
 
 
 def test_not_a_cache_gives_a_clear_error(tmp_path):
@@ -294,11 +294,12 @@ def test_files_follow_the_zarr_v3_spec_tensorstore_reads_them(tmp_path, make_bat
     reader = cache.read_shard("s0")
     stored = reader.stored_position_arrays()
     for name, expected in {**stored, "token_ids": batch.token_ids, "seq_offsets": batch.seq_offsets}.items():
-        arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(url / "shards" / "s0" / name)}}).result()
+        arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(reader.cache.shard_group_path(reader.record) + "/" + name)}}).result()
         np.testing.assert_array_equal(arr.read().result(), expected, err_msg=name)
     # decode with nothing but the documented rule and the attributes
-    codes = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(url / "shards/s0/topk_codes")}}).result()
-    attrs = json.loads((url / "shards/s0/topk_codes/zarr.json").read_text())["attributes"]
+    group = Path(reader.cache.shard_group_path(reader.record))
+    codes = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(group / "topk_codes")}}).result()
+    attrs = json.loads((group / "topk_codes/zarr.json").read_text())["attributes"]
     levels = attrs["levels"]
     c = codes.read().result().astype(np.float64)
     p = np.where(c > 0, c / levels, 0.25 / levels) ** 2

@@ -36,12 +36,9 @@ on-policy refresh passes an in-memory student's sampler).
 
 from __future__ import annotations
 
-import ast
 import errno
 import hashlib
-import inspect
 import os
-import textwrap
 import time
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
@@ -53,7 +50,7 @@ from kd import __version__
 from kd.stages.generate import prompts as prompts_mod
 from kd.stages.generate.backend import Completion, Sampler, SamplingParams, Scorer
 from kd.storage.batch import SequenceBatch
-from kd.storage.errors import CacheError, ConfigError, FingerprintMismatchError
+from kd.storage.errors import CacheError, ConfigError, FingerprintMismatchError, ShardExistsError
 from kd.storage.format import SOURCE_CODE, SOURCES, CacheFingerprint, CodecConfig
 
 BACKENDS = ("hf", "vllm")
@@ -221,19 +218,6 @@ class GenerateConfig:
             raise ConfigError("invalid generate options:\n  " + "\n  ".join(problems))
 
 
-def field_docs(cls) -> dict[str, str]:
-    """The docstring under each field of a dataclass (the CLI's help texts), read from its source."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
-    return docs
-
-
 # ---------------------------------------------------------------- work units
 @dataclass(frozen=True)
 class ShardPlan:
@@ -335,6 +319,8 @@ def generate_shards(
         else:
             todo.append(plan)
     _check_overlaps(cache, todo)
+    if todo:
+        _check_writable(cache)
 
     stats = dict(shards_planned=len(plans), shards_written=0, shards_already_committed=len(plans) - len(todo),
                  sequences=0, tokens=0, completion_tokens=0, bytes=0, prompts_skipped_too_long=0,
@@ -370,6 +356,9 @@ def generate_shards(
             for p in pending:
                 batch = _score(p, scorer_obj, source, k, round)
                 record = _write(cache, p, batch, base)
+                if record is None:  # another writer committed it meanwhile (and its settings agree)
+                    stats["shards_already_committed"] += 1
+                    continue
                 stats["shards_written"] += 1
                 stats["sequences"] += batch.num_sequences
                 stats["tokens"] += batch.num_tokens
@@ -453,6 +442,9 @@ def _write(cache, p: _Pending, batch: SequenceBatch, base: dict):
     }
     try:
         return cache.write_shard(p.plan.name, batch, provenance)
+    except ShardExistsError:
+        _check_reusable(cache, p.plan, base)
+        return None
     except OSError as err:
         if err.errno == errno.ENOSPC:
             raise CacheError(
@@ -461,6 +453,17 @@ def _write(cache, p: _Pending, batch: SequenceBatch, base: dict):
                 "(or choose another --out) and rerun the same command to resume."
             ) from None
         raise CacheError(f"cannot write shard {p.plan.name} to {cache.url}: {err}") from None
+
+
+def _check_writable(cache) -> None:
+    """Refuse a read-only local cache folder before any model runs (object stores tell on the first write)."""
+    from kd.storage import remote
+
+    if remote.is_local(cache._fs) and not os.access(cache._root, os.W_OK):
+        raise CacheError(
+            f"cannot write to the cache {cache.url}: {cache._root} is read-only (read-only file system or "
+            "no write permission). Make it writable or choose another --out; nothing was computed."
+        )
 
 
 def _check_reusable(cache, plan: ShardPlan, base: dict) -> None:

@@ -114,6 +114,10 @@ class TrainConfig:
     students that do not fit on one device. Only under torchrun."""
     loader_workers: int = 2
     """Decode threads of the data loader (0 = decode in the training thread)."""
+    skip_bad_shards: bool = False
+    """A corrupt cache shard (bad checksum, metadata, offsets, ids >= vocab, NaN or positive
+    log-probs) stops training with an error naming it; with this flag it is skipped with a
+    warning and training goes on with the other shards."""
     tensorboard: bool = False
     """Also log to TensorBoard in RUN_DIR/tensorboard (needs the tensorboard package)."""
     progress: bool = True
@@ -179,6 +183,7 @@ class TrainConfig:
         return LoaderConfig(
             max_tokens_per_batch=self.batch_tokens, seed=self.seed, split=split,
             heldout_fraction=self.heldout_fraction, num_workers=self.loader_workers,
+            skip_bad_shards=self.skip_bad_shards,
         )
 
     def to_dict(self) -> dict:
@@ -250,7 +255,7 @@ class TrainConfig:
         need(self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:"), "device",
              f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {list(DTYPES)}, got {self.dtype!r}")
-        for name in ("resume", "compile", "fsdp", "tensorboard", "progress"):
+        for name in ("resume", "compile", "fsdp", "tensorboard", "progress", "skip_bad_shards"):
             need(isinstance(getattr(self, name), bool), name, f"must be true or false, got {getattr(self, name)!r}")
         if self.importance_clip is not None and self.token_reverse_kl_weight == 0:
             need(False, "importance_clip", "weights only the sampled-token reverse-KL term (the full-distribution "

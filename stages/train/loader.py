@@ -357,22 +357,24 @@ class CacheLoader:
                 )
             # Opening a shard is a few small reads: I/O-bound, so many threads help remotely.
             with ThreadPoolExecutor(min(16, len(missing)), thread_name_prefix="kd-meta") as pool:
-                metas = list(pool.map(lambda name: self._load_meta(self._record(name)), missing))
+                metas = list(pool.map(self._load_meta, missing))
             self._check_lengths(metas)
             self._metas.update({m.name: m for m in metas})
         with self._lock:
             self._shards = sorted(names)
             self._plans.clear()
 
-    def _load_meta(self, record: ShardRecord) -> _ShardMeta:
+    def _load_meta(self, name: str) -> _ShardMeta:
+        # opening checks the record, metadata and per-sequence arrays: a bad shard is refused
+        # here, before the first step (values are checked as each window is decoded)
         try:
-            reader = self.cache.read_shard(record)
+            reader = self.cache.read_shard(self._record(name))
         except CorruptShardError as err:
             if not self.config.skip_bad_shards:
                 raise
-            self._warn_bad(record.name, err)
+            self._warn_bad(name, err)
             empty = np.zeros(0, np.int64)
-            return _ShardMeta(record.name, None, empty, empty)
+            return _ShardMeta(name, None, empty, empty)
         seq = reader.sequence_arrays
         lengths = np.diff(seq["seq_offsets"]).astype(np.int64)
         held = heldout_mask(
@@ -381,7 +383,7 @@ class CacheLoader:
         selected = np.flatnonzero(held if self.config.split == "heldout" else ~held).astype(
             np.int64
         )
-        return _ShardMeta(record.name, reader, lengths, selected)
+        return _ShardMeta(name, reader, lengths, selected)
 
     def _check_lengths(self, metas: list[_ShardMeta]) -> None:
         c = self.config
@@ -500,7 +502,8 @@ class CacheLoader:
         t = time.perf_counter()
         try:
             try:
-                data = meta.reader.read(seg.start, seg.stop)
+                with self.cache.read_ahead(meta.reader.record):  # object stores: one batched fetch
+                    data = meta.reader.read(seg.start, seg.stop)
             except CorruptShardError:
                 raise
             except CacheError as err:
