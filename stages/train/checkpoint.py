@@ -28,6 +28,7 @@ a checkpoint from someone else never unpickles arbitrary objects.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -49,6 +50,33 @@ _PREFIX = "step-"
 
 class CheckpointError(KdError):
     """A checkpoint is missing, incomplete or does not belong to this run."""
+
+
+DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied"}
+
+
+def disk_problem(err: BaseException, folder: Path | None = None) -> str | None:
+    """'no space left on the device', 'read-only file system', ... when ``err`` is one; else None.
+
+    safetensors and torch.save report a full disk in their own exception types, without
+    errno: their text, or ``folder`` having (almost) no free space left, tells.
+    """
+    if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
+        return DISK_ERRNOS[err.errno]
+    text = str(err)
+    if "No space left" in text or "os error 28" in text:
+        return DISK_ERRNOS[errno.ENOSPC]
+    if "Read-only file system" in text or "os error 30" in text:
+        return DISK_ERRNOS[errno.EROFS]
+    if folder is not None:
+        try:
+            if shutil.disk_usage(folder).free < 64 * 1024:
+                return DISK_ERRNOS[errno.ENOSPC]
+        except OSError:
+            pass
+    return None
 
 
 def checkpoint_name(step: int) -> str:
@@ -158,9 +186,17 @@ def save_checkpoint(
         torch.save(trainer_state, tmp / TRAINER_STATE)
         (tmp / STATE_JSON).write_text(json.dumps({"global_step": step, "config": config_dict}, indent=2))
         _fsync_tree(tmp)
-    except BaseException:
+    except BaseException as err:
+        problem = disk_problem(err, root) if isinstance(err, Exception) else None
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if problem is None:
+            raise
+        latest = latest_checkpoint(run_dir)
+        raise CheckpointError(
+            f"{problem} while writing checkpoint {name} in {root} ({type(err).__name__}: {err}). "
+            + (f"The latest complete checkpoint ({latest.name}) is intact; free space (or lower --keep) and "
+               "rerun with --resume." if latest else "Free space (or choose another --out) and rerun.")
+        ) from None
     final = root / name
     if final.exists():  # left by a crashed run after its last `latest`: this one replaces it
         stale = root / f".tmp-stale-{name}-{uuid.uuid4().hex[:8]}"
@@ -187,6 +223,8 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     root = Path(run_dir) / CHECKPOINTS_DIR
     for leftover in root.glob(".tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in root.glob(f".{LATEST}.*.tmp"):  # a pointer write killed before its rename
+        leftover.unlink(missing_ok=True)
     if keep <= 0:
         return
     latest = latest_checkpoint(run_dir)

@@ -248,8 +248,10 @@ class _MetricsLog:
             self.path.write_text("")
         elif self.path.exists():  # resumed: drop lines a crashed run wrote after its checkpoint
             keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and _before_checkpoint(json.loads(line), truncate_after)]
-            self.path.write_text("".join(line + "\n" for line in keep))
+                    if _before_checkpoint(_parse_line(line), truncate_after)]
+            tmp = self.path.with_name(f".{METRICS_FILE}.tmp")  # a kill while rewriting loses no line
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, self.path)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -270,8 +272,18 @@ class _MetricsLog:
             self.tb.close()
 
 
-def _before_checkpoint(record: dict, step: int) -> bool:
+def _parse_line(line: str) -> dict | None:
+    """A metrics line, or None for a blank one or one a killed run left half written."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except ValueError:
+        return None
+
+
+def _before_checkpoint(record: dict | None, step: int) -> bool:
     """Whether a metrics line belongs before the checkpoint of ``step`` (a refresh at a step comes after it)."""
+    if record is None:
+        return False
     at = record.get("step", 0)
     return at < step or (at == step and record.get("kind") != "refresh")
 
@@ -288,6 +300,15 @@ def run(config: TrainConfig, on_step: Callable[[StepContext], None] | None = Non
     d = _init_distributed(config)
     try:
         return _run(config, d, on_step)
+    except OSError as err:  # the run folder or the cache is full or not writable: one clear line
+        problem = ckpt.disk_problem(err)
+        if problem is None:
+            raise
+        raise ckpt.CheckpointError(
+            f"{problem} at {err.filename or config.out} ({err.strerror}). Checkpoints and "
+            "shards committed so far are intact; fix the destination and rerun (with --resume once "
+            "the run has a checkpoint)."
+        ) from None
     finally:
         if d.owns_group:
             dist.destroy_process_group()
@@ -383,6 +404,9 @@ def _run(config: TrainConfig, d: _Dist, on_step) -> dict:
         step = int(saved["step"])
         if d.main:
             ckpt.discard_checkpoints_after(run_dir, step)
+            # temp files and half-pruned folders of a run killed while saving; when it died in
+            # its last save, no later save would clean them
+            ckpt.prune_checkpoints(run_dir, config.keep)
         ckpt.restore_rng_state(saved["rng"][d.rank])
     log = _MetricsLog(run_dir, d.main, config.tensorboard, truncate_after=step if saved is not None else None)
     try:
