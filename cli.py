@@ -8,7 +8,7 @@ from kd's own hierarchy (``KdError``) are printed as one clear line, exit 2.
     kd train ...           stage two: cache -> divergence loss -> student checkpoints
     kd eval ...            held-out KL / top-1 / perplexity of a student against the teacher
     kd report RUN_DIR      plots and report.md of a training run
-    kd cache info|verify   inspect and check a logit cache
+    kd cache info|verify|ls|copy|merge|export|import   inspect, check, move and exchange logit caches
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from dataclasses import MISSING, fields  # noqa: E402
 from functools import partial  # noqa: E402
 
 from kd.stages.eval import EvalConfig  # noqa: E402
-from kd.stages.generate.run import GenerateConfig, field_docs  # noqa: E402
+from kd.stages.fields import field_docs  # noqa: E402
+from kd.stages.generate.run import GenerateConfig  # noqa: E402
 from kd.stages.report import ReportConfig  # noqa: E402
 from kd.stages.train.config import TrainConfig  # noqa: E402
 
@@ -38,20 +39,43 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-cache_app = typer.Typer(help="Inspect and check a logit cache (local path or fsspec URL).", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect, check, copy, merge, export and import logit caches (local paths or fsspec URLs).",
+                        no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 
-def _option(config_cls, name: str, *flags: str):
-    """The typer option of config field ``name``: its default and help text come from the dataclass."""
+def _option(config_cls, name: str, *flags: str, with_config: bool = False):
+    """The typer option of config field ``name``: its default and help text come from the dataclass.
+
+    A field without a default is required. In a command with ``--config`` (``with_config``)
+    it may come from the file, so click must not demand it: ``kd.stages.recipes.resolve_config``
+    reports it when neither gives it.
+    """
     default = {f.name: f.default for f in fields(config_cls)}[name]
+    help_text = field_docs(config_cls)[name]
+    if default is MISSING and with_config:
+        default, help_text = None, help_text + " [required: here or in --config]"
     return typer.Option(... if default is MISSING else default,
-                        *(flags or (f"--{name.replace('_', '-')}",)), help=field_docs(config_cls)[name])
+                        *(flags or (f"--{name.replace('_', '-')}",)), help=help_text)
 
 
-_gen_opt = partial(_option, GenerateConfig)
-_train_opt = partial(_option, TrainConfig)
-_eval_opt = partial(_option, EvalConfig)
+_CONFIG_HELP = ("A YAML recipe of this command's options (see recipes/ and kd/stages/recipes.py); "
+                "flags given on the command line override it.")
+
+
+def _resolve(stage: str, ctx: typer.Context, config_file: Optional[str], values: dict):
+    """The stage's config from --config and the flags; a flag counts only if typed (click's source)."""
+    from kd.stages.recipes import resolve_config
+
+    # by name: typer may vendor its own click, whose ParameterSource is another enum
+    given = {name for name in values
+             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")}
+    return resolve_config(stage, config_file, values, given)
+
+
+_gen_opt = partial(_option, GenerateConfig, with_config=True)
+_train_opt = partial(_option, TrainConfig, with_config=True)
+_eval_opt = partial(_option, EvalConfig, with_config=True)
 
 
 def _fail(err: KdError) -> None:
@@ -97,12 +121,153 @@ def cache_verify(
     raise typer.Exit(0 if report.ok else 1)
 
 
+@cache_app.command("ls")
+def cache_ls(
+    path: str = typer.Argument(..., help="Cache location: a local folder or an fsspec URL."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per shard (a list) instead of a table."),
+) -> None:
+    """One line per committed shard: round, source, sequences, tokens, bytes, student step, creation time."""
+    from kd.storage.tools import format_listing, list_shards
+
+    try:
+        rows = list_shards(path)
+    except KdError as err:
+        _fail(err)
+    typer.echo(json.dumps(rows, indent=2) if as_json else format_listing(path, rows))
+
+
+def _print_summary(summary: dict) -> None:
+    width = max(len(key) for key in summary)
+    for key, value in summary.items():
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+_PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with bytes/s (on a terminal).")
+
+
+@cache_app.command("copy")
+def cache_copy(
+    src: str = typer.Argument(..., help="Source cache: a local folder or an fsspec URL."),
+    dst: str = typer.Argument(..., help="Destination: a new location, or a cache with the same fingerprint."),
+    progress: bool = _PROGRESS,
+) -> None:
+    """Copy the committed shards of SRC to DST, verifying every object's sha256 on arrival.
+
+    Resumable: rerun after an interruption; shards already committed at DST are skipped and
+    half-copied ones redone. A shard failing its checksum is left uncommitted and reported.
+    """
+    from kd.storage.tools import copy_cache
+
+    try:
+        _print_summary(copy_cache(src, dst, progress=progress))
+    except KdError as err:
+        _fail(err)
+
+
+@cache_app.command("merge")
+def cache_merge(
+    inputs: list[str] = typer.Argument(..., help="Caches to merge (local folders or fsspec URLs)."),
+    out: str = typer.Option(..., "--out", help="The merged cache: a new location, or a cache with the same fingerprint."),
+    on_conflict: str = typer.Option(
+        "refuse", "--on-conflict",
+        help="Two inputs holding different shards of one name: 'refuse' (default; nothing is written) or "
+        "'rename' (the later input's shard becomes <name>.m<input number>). Identical shards are copied once."),
+    progress: bool = _PROGRESS,
+) -> None:
+    """Merge caches with identical teacher, tokenizer, k and codec fingerprints into one (resumable)."""
+    from kd.storage.tools import merge_caches
+
+    try:
+        _print_summary(merge_caches(inputs, out, on_conflict=on_conflict, progress=progress))
+    except KdError as err:
+        _fail(err)
+
+
+@cache_app.command("export")
+def cache_export(
+    path: str = typer.Argument(..., help="Cache location: a local folder or an fsspec URL."),
+    fmt: str = typer.Option(
+        "parquet", "--format",
+        help="'parquet': one .parquet file at --out; 'hf-dataset': a folder with data/*.parquet and a README "
+        "that datasets.load_dataset(folder) reads."),
+    out: str = typer.Option(..., "--out", help="Where to write (must not exist yet)."),
+) -> None:
+    """One row per sequence: input ids, loss mask, per-position top-k ids/log-probs (decoded), tail, target.
+
+    The schema is in docs/FORMAT.md, section 9.
+    """
+    from kd.storage.exchange import export_cache
+
+    try:
+        _print_summary(export_cache(path, out, fmt))
+    except KdError as err:
+        _fail(err)
+
+
+def _import_opt(name: str, *flags: str):
+    from kd.storage.exchange import ImportConfig
+
+    return _option(ImportConfig, name, *flags)
+
+
+@cache_app.command("import")
+def cache_import(
+    files: list[str] = typer.Argument(..., help="Parquet files or folders of them, one row per sequence "
+                                      "(docs/FORMAT.md, section 9)."),
+    out: str = _import_opt("out"),
+    teacher_name: str = _import_opt("teacher_name"),
+    teacher_revision: str = _import_opt("teacher_revision"),
+    teacher_weights: str = _import_opt("teacher_weights"),
+    teacher_sha256: str = _import_opt("teacher_sha256"),
+    tokenizer: str = _import_opt("tokenizer"),
+    tokenizer_sha256: str = _import_opt("tokenizer_sha256"),
+    vocab_size: int = _import_opt("vocab_size"),
+    k: int = _import_opt("k", "--k", "-k"),
+    codec: str = _import_opt("codec"),
+    codec_levels: int = _import_opt("codec_levels"),
+    zstd_level: int = _import_opt("zstd_level"),
+    source: str = _import_opt("source"),
+    shard_size: int = _import_opt("shard_size"),
+) -> None:
+    """Build a cache from Parquet rows of teacher top-k log-probs captured elsewhere, with your provenance.
+
+    Every row is validated before anything is written; errors name the file, row and column.
+    """
+    options = dict(locals(), files=tuple(files))
+    from kd.storage.exchange import ImportConfig, import_parquet
+
+    try:
+        _print_summary(import_parquet(ImportConfig(**options)))
+    except KdError as err:
+        _fail(err)
+
+
+@cache_app.command("gc")
+def cache_gc(
+    path: str = typer.Argument(..., help="Cache location: a local folder or an fsspec URL."),
+    older_than: float = typer.Option(3600.0, "--older-than", help="Grace period in seconds: leftovers "
+                                     "younger than this may belong to a live writer and are kept."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Remove uncommitted shard groups and temp files left by dead writers (never a committed shard)."""
+    from kd.storage.gc import collect_garbage
+
+    try:
+        report = collect_garbage(path, older_than=older_than, dry_run=dry_run)
+    except KdError as err:
+        _fail(err)
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
+
+
 # ---------------------------------------------------------------- kd generate
 # (the generate command lives in this block)
 
 
 @app.command("generate")
 def generate(
+    ctx: typer.Context,
+    config_file: Optional[str] = typer.Option(None, "--config", metavar="FILE", help=_CONFIG_HELP),
     data: str = _gen_opt("data"),
     out: str = _gen_opt("out"),
     student: str = _gen_opt("student"),
@@ -146,11 +311,12 @@ def generate(
     Rerunning the same command resumes: committed shards are skipped. See
     kd/stages/generate/run.py for the algorithm and the --offload modes.
     """
-    config = GenerateConfig(**locals())
+    options = dict(locals())
+    ctx, config_file = options.pop("ctx"), options.pop("config_file")
     from kd.stages.generate.run import run
 
     try:
-        summary = run(config)
+        summary = run(_resolve("generate", ctx, config_file, options))
     except KdError as err:
         _fail(err)
     width = max(len(key) for key in summary)
@@ -165,6 +331,8 @@ import os  # noqa: E402
 
 @app.command("train")
 def train(
+    ctx: typer.Context,
+    config_file: Optional[str] = typer.Option(None, "--config", metavar="FILE", help=_CONFIG_HELP),
     cache: str = _train_opt("cache"),
     out: str = _train_opt("out"),
     student: str = _train_opt("student"),
@@ -199,6 +367,7 @@ def train(
     compile: bool = _train_opt("compile", "--compile/--no-compile"),
     fsdp: bool = _train_opt("fsdp", "--fsdp/--no-fsdp"),
     loader_workers: int = _train_opt("loader_workers"),
+    skip_bad_shards: bool = _train_opt("skip_bad_shards", "--skip-bad-shards/--no-skip-bad-shards"),
     tensorboard: bool = _train_opt("tensorboard", "--tensorboard/--no-tensorboard"),
     progress: bool = _train_opt("progress", "--progress/--no-progress"),
     refresh_every: int = _train_opt("refresh_every"),
@@ -221,11 +390,12 @@ def train(
     Multi-GPU / multi-node: run under torchrun (torchrun --nproc-per-node N -m kd.cli train ...).
     See kd/stages/train/run.py for the loop and kd/stages/train/checkpoint.py for the run folder.
     """
-    config = TrainConfig(**locals())
+    options = dict(locals())
+    ctx, config_file = options.pop("ctx"), options.pop("config_file")
     from kd.stages.train.run import run
 
     try:
-        summary = run(config)
+        summary = run(_resolve("train", ctx, config_file, options))
     except KdError as err:
         _fail(err)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, print once
@@ -239,6 +409,8 @@ def train(
 
 @app.command("eval")
 def eval_(
+    ctx: typer.Context,
+    config_file: Optional[str] = typer.Option(None, "--config", metavar="FILE", help=_CONFIG_HELP),
     student: str = _eval_opt("student"),
     teacher: str = _eval_opt("teacher"),
     data: str = _eval_opt("data"),
@@ -268,11 +440,11 @@ def eval_(
     """
     options = dict(locals())
     options.pop("as_json")
-    config = EvalConfig(**options)
+    ctx, config_file = options.pop("ctx"), options.pop("config_file")
     from kd.stages.eval import format_results, run
 
     try:
-        result = run(config)
+        result = run(_resolve("eval", ctx, config_file, options))
     except KdError as err:
         _fail(err)
     typer.echo(json.dumps(result, indent=2) if as_json else format_results(result))
