@@ -37,6 +37,8 @@ from kd.stages.report import run as report
 from kd.storage.errors import ConfigError, KdError
 from typer.testing import CliRunner
 
+pytestmark = pytest.mark.usefixtures("isolated_datasets_cache", "one_thread")
+
 runner = CliRunner()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # (prompt, split): the held-out rows are not a prefix of the file; rows (and seeds) are indexed
@@ -50,29 +52,6 @@ HELDOUT_ROWS = [i for i, (_, s) in enumerate(PROMPTS) if s == "heldout"]
 
 
 # ---------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True)
-def _isolated_datasets_cache(tmp_path_factory, monkeypatch):
-    import datasets.config
-
-    cache = tmp_path_factory.getbasetemp() / "hf-datasets"
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and 2-core CI boxes are often shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return models.tiny_model_pair(tmp_path_factory.mktemp("tiny"))
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "prompts.jsonl"

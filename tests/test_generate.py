@@ -33,6 +33,8 @@ from kd.storage.errors import CacheError, ConfigError, FingerprintMismatchError
 from kd.storage.format import SOURCE_CODE
 from kd.storage.verify import verify_cache
 
+pytestmark = pytest.mark.usefixtures("isolated_datasets_cache", "one_thread")
+
 QUESTIONS = [
     "What is 2 + 2?", "Name a colour.", "Say hello.", "Count to three, please, slowly and clearly.",
     "Why is the sky blue?", "x", "Write one word.", "What is the capital of France?",
@@ -41,29 +43,6 @@ QUESTIONS = [
 
 
 # ---------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True)
-def _isolated_datasets_cache(tmp_path_factory, monkeypatch):
-    import datasets.config
-
-    cache = tmp_path_factory.getbasetemp() / "hf-datasets"
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and 2-core CI boxes are often shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return models.tiny_model_pair(tmp_path_factory.mktemp("tiny"))
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """Plain prompts with reference completions, lengths varied so padding matters."""

@@ -31,15 +31,8 @@ from kd.stages.train.losses import (
 from kd.storage.errors import ConfigError
 
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: intra-op threads only add overhead (about half the CPU time)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The tensors here are tiny: intra-op threads only add overhead (about half the CPU time).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_case(m=9, vocab=23, k=5, seed=0, dtype=F64, scale=2.0):

@@ -24,11 +24,6 @@ def isolated_kd_home(tmp_path, monkeypatch, request):
         monkeypatch.setenv("KD_HOME", str(tmp_path / "kd_home"))
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return models.tiny_model_pair(tmp_path_factory.mktemp("tiny"))
-
-
 def test_tiny_pair_loads_with_plain_transformers(pair):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

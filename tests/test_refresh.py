@@ -33,24 +33,9 @@ from kd.storage.cache import LogitCache
 from kd.storage.format import SOURCE_CODE, CacheFingerprint, CodecConfig, TeacherFingerprint, TokenizerFingerprint
 from kd.storage.verify import verify_cache
 
+pytestmark = pytest.mark.usefixtures("isolated_datasets_cache", "one_thread")
+
 STUDENT, TEACHER = SOURCE_CODE["student"], SOURCE_CODE["teacher"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _isolated_datasets_cache(tmp_path_factory, monkeypatch):
-    import datasets.config
-
-    cache = tmp_path_factory.getbasetemp() / "hf-datasets"
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
 
 
 @pytest.fixture(scope="module")

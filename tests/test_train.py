@@ -32,6 +32,8 @@ from kd.storage.cache import LogitCache
 from kd.storage.errors import ConfigError, FingerprintMismatchError
 from kd.storage.format import CacheFingerprint, CodecConfig, TeacherFingerprint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 K = 16
 
 
@@ -69,15 +71,6 @@ def _teacher_cache(url: str, teacher_dir: Path, num_sequences: int = 96, shards:
             source=np.full(per, 1, np.uint8), round=np.zeros(per, np.int32),
             prompt_index=np.arange(s * per, (s + 1) * per, dtype=np.int64), sample_index=np.zeros(per, np.int32),
         ), {"round": 0, "source": "teacher"})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
