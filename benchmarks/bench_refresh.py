@@ -62,7 +62,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="/tmp/kd-bench-refresh")
     p.add_argument("--variants", default="offline,4,2,1",
-                   help="comma list: 'offline', or N (refresh every N steps; 1 = fully on-policy, lambda 1)")
+                   help="comma list: 'offline', N (refresh every N steps with --round-prompts; 1 = fully on-policy, "
+                        "lambda 1), NxM (every N steps, M prompts per round), 'trl', 'trl-gkd'")
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--batch-seqs", type=int, default=4, help="sequences per optimizer step (about)")
     p.add_argument("--round-prompts", type=int, default=4, help="prompts per refresh round (M)")
@@ -178,13 +179,13 @@ def run_variant(args, name: str, out: Path, base: dict, train_prompts: Path, stu
     work.mkdir()
     cache = work / "cache"
     shutil.copytree(base["path"], cache)
-    n = 0 if name == "offline" else int(name)
+    n, m = _refresh_shape(name, args)
     seq_tokens = 64 + args.max_new_tokens  # held-out and train prompts are 35-60 tokens with the template
     config = TrainConfig(
         cache=str(cache), out=str(work / "run"), student=str(student_dir), steps=args.steps, lr=args.lr,
         warmup=max(1, args.steps // 10), batch_tokens=args.batch_seqs * seq_tokens, eval_every=0,
         heldout_fraction=0.0, save_every=0, keep=1, loader_workers=1, progress=False, seed=args.seed,
-        device="cpu", refresh_every=n, refresh_prompts=args.batch_seqs if n == 1 else args.round_prompts,
+        device="cpu", refresh_every=n, refresh_prompts=m,
         prompts=str(train_prompts), max_new_tokens=args.max_new_tokens,
         on_policy_fraction=1.0 if n == 1 else args.fraction, max_staleness=args.max_staleness,
         refresh_batch_size=16,
@@ -297,10 +298,25 @@ def _trl_arm(args, out: Path, name: str, train_prompts: Path, teacher_dir, stude
             "final_loss": None, "curve": curve, "note": note}
 
 
-def _order(result: dict) -> tuple[int, int]:
+def _order(result: dict) -> tuple[int, ...]:
     """offline, then N from large to small (on-policy last), then the peer."""
     v = result["variant"]
-    return (0, 0) if v == "offline" else (2, 0) if v == "trl" else (3, 0) if v == "trl-gkd" else (1, -int(v))
+    if v in ("offline", "trl", "trl-gkd"):
+        return {"offline": (0, 0), "trl": (2, 0), "trl-gkd": (3, 0)}[v]
+    n, m = (int(x) for x in v.split("x")) if "x" in v else (int(v), 0)
+    return (1, -n, m)
+
+
+def _refresh_shape(name: str, args) -> tuple[int, int]:
+    """(N, M) of a variant: 'offline' -> no refresh; 'N' -> --round-prompts M (N = 1: one batch);
+    'NxM' -> refresh every N steps with M prompts per round."""
+    if name == "offline":
+        return 0, args.round_prompts
+    if "x" in name:
+        n, m = (int(x) for x in name.split("x"))
+        return n, m
+    n = int(name)
+    return n, args.batch_seqs if n == 1 else args.round_prompts
 
 
 def _mean(xs):
@@ -391,30 +407,42 @@ def _pct(x):
     return "-" if x is None else f"{100 * x:.0f}%"
 
 
+def _label(r: dict) -> str:
+    named = {"offline": "offline", "1": "on-policy (N=1)", "trl": "TRL DistillationTrainer",
+             "trl-gkd": "TRL GKDTrainer (lambda=1)"}
+    if r["variant"] in named:
+        return named[r["variant"]]
+    return f"refresh N={r['refresh_every']}, M={r['round_prompts']}, lambda={r['fraction']}"
+
+
 def plot(results: list[dict], base: dict, out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b, c_) = plt.subplots(1, 3, figsize=(16, 4.2))
-    for r in results:
-        steps = [c["step"] for c in r["curve"]]
-        kls = [c["kl"] for c in r["curve"]]
-        label = {"offline": "offline", "1": "on-policy (N=1)", "trl": "TRL DistillationTrainer",
-                 "trl-gkd": "TRL GKDTrainer (lambda=1)"}.get(
-            r["variant"], f"refresh N={r['variant']}, lambda={r['fraction']}")
-        a.plot(steps, kls, marker="o", label=label)
-        start, start_cpu = (0.0, 0.0) if r["variant"].startswith("trl") else (base["gen_s"], base["gen_cpu_s"])
-        b.plot([start + c["train_s"] for c in r["curve"]], kls, marker="o", label=label)
-        c_.plot([start_cpu + c["train_cpu_s"] for c in r["curve"]], kls, marker="o", label=label)
-    a.set_xlabel("optimizer steps")
-    b.set_xlabel("wall-clock s (base cache + training + refresh)")
-    c_.set_xlabel("process CPU s (same; all threads)")
-    for ax in (a, b, c_):
-        ax.set_ylabel("held-out KL(teacher || student), nats/token")
-        ax.grid(alpha=0.3)
-    a.legend()
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.4))
+    later = [c["kl"] for r in results for c in r["curve"] if c["step"]]
+    for row, zoom in enumerate((False, True)):
+        a, b, c_ = axes[row]
+        for r in results:
+            steps = [c["step"] for c in r["curve"]]
+            kls = [c["kl"] for c in r["curve"]]
+            a.plot(steps, kls, marker="o", label=_label(r))
+            start, start_cpu = (0.0, 0.0) if r["variant"].startswith("trl") else (base["gen_s"], base["gen_cpu_s"])
+            b.plot([start + c["train_s"] for c in r["curve"]], kls, marker="o", label=_label(r))
+            c_.plot([start_cpu + c["train_cpu_s"] for c in r["curve"]], kls, marker="o", label=_label(r))
+        a.set_xlabel("optimizer steps")
+        b.set_xlabel("wall-clock s (base cache + training + refresh)")
+        c_.set_xlabel("process CPU s (same; all threads)")
+        for ax in (a, b, c_):
+            ax.set_ylabel("held-out KL(teacher || student), nats/token" + (" (zoom)" if zoom else ""))
+            ax.grid(alpha=0.3)
+            if zoom and later:
+                pad = 0.1 * (max(later) - min(later)) + 1e-3
+                ax.set_ylim(min(later) - pad, max(later) + pad)
+        if not zoom:
+            a.legend()
     fig.suptitle("kd train --refresh-every N: KL on student-generated held-out prompts (evaluation time excluded)")
     fig.tight_layout()
     path = out / "refresh.png"
