@@ -8,6 +8,8 @@ cores (``sched_setaffinity`` before anything starts a thread), side by side:
 
   raw read       ``ShardReader.read()`` of every whole shard, one after another:
                  the decode floor (zarr's own threads included, on the pinned cores)
+  raw no-check   the same with ``read(check=False)``: without the per-read value checks
+                 (kd.storage.checks), so "raw" / "raw-nocheck" is what the checks cost
   loader wN      ``CacheLoader`` with N decode threads, one epoch, consumer does nothing:
                  windowed decode + shuffle + collation into TrainBatch tensors (opening the
                  shards' metadata and planning, once per process, is timed apart: "open")
@@ -104,7 +106,7 @@ def make_cache(url: str, positions: int, shards: int) -> None:
 
 
 # ---------------------------------------------------------------- measurements (in a pinned child)
-def measure_raw(url: str, args) -> dict:
+def measure_raw(url: str, args, check: bool = True) -> dict:
     from kd.storage.cache import LogitCache
 
     cache = LogitCache.open(url)
@@ -114,7 +116,7 @@ def measure_raw(url: str, args) -> dict:
     for _ in range(args.repeats):
         t = time.perf_counter()
         for reader in readers:
-            reader.read()
+            reader.read(check=check)
         best = min(best or 1e9, time.perf_counter() - t)
     return {
         "positions": sum(r.num_positions for r in records),
@@ -222,6 +224,7 @@ def measure_train(url: str, args, live: bool) -> dict:
 
 MEASURES = {
     "raw": lambda url, a: measure_raw(url, a),
+    "raw-nocheck": lambda url, a: measure_raw(url, a, check=False),
     "loader-w1": lambda url, a: measure_loader(url, a, 1),
     "loader-w2": lambda url, a: measure_loader(url, a, 2),
     "train": lambda url, a: measure_train(url, a, live=False),
@@ -292,6 +295,8 @@ def main() -> None:
         "--train-batch-tokens", type=int, default=1024, help="token budget of a CPU train step"
     )
     ap.add_argument("--train-steps", type=int, default=4)
+    ap.add_argument("--only", nargs="+", choices=sorted(MEASURES), default=None,
+                    help="run only these measurements (default: all)")
     ap.add_argument("--measure", choices=sorted(MEASURES), help=argparse.SUPPRESS)
     ap.add_argument("--cores", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -309,6 +314,7 @@ def main() -> None:
         print(machine())
         plan = [
             ("raw", 1),
+            ("raw-nocheck", 1),
             ("loader-w1", 1),
             ("loader-w2", 1),
             ("raw", 2),
@@ -317,6 +323,7 @@ def main() -> None:
             ("train", 2),
             ("train+loader", 2),
         ]
+        plan = [(n, c) for n, c in plan if args.only is None or n in args.only or n == "raw"]
         results = [(name, cores, run_pinned(name, cores, url, args)) for name, cores in plan]
         r0 = next(r for n, c, r in results if n == "raw" and c == 1)
         pos0 = r0["positions"]
@@ -338,7 +345,7 @@ def main() -> None:
             raw = next((x for n, c, x in results if n == "raw" and c == cores), None)
             ratio = (
                 f"{pos_s / (raw['positions'] / raw['seconds']):.2f}x"
-                if name.startswith("loader")
+                if name.startswith("loader") or name == "raw-nocheck"
                 else "-"
             )
             note = ""
@@ -350,7 +357,13 @@ def main() -> None:
                 f"| {name:<15}| {cores:>5} | {tok_s:>10,.0f} | {tok_s / cores:>13,.0f} | {pos_s:>11,.0f} "
                 f"| {ratio:>19} | {note}"
             )
-        train = next(r for n, c, r in results if n == "train")
+        nocheck = next((r for n, c, r in results if n == "raw-nocheck"), None)
+        if nocheck is not None:
+            print(f"\nper-read value checks: {100 * (1 - nocheck['seconds'] / r0['seconds']):.1f}% of raw read time "
+                  "(1 core)")
+        train = next((r for n, c, r in results if n == "train"), None)
+        if train is None:
+            return
         best = max(
             r["tokens"] / r["seconds"] for n, c, r in results if n.startswith("loader") and c == 1
         )

@@ -16,10 +16,13 @@ group and gets ``ShardExistsError``, and groups of dead writers are garbage for
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
+import threading
 import uuid
 import warnings
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -142,17 +145,82 @@ class LogitCache:
     def read_ahead(self, record: ShardRecord):
         """Within the block, Zarr reads of ``record``'s shard are served from memory.
 
-        On object stores, all of the shard's objects are fetched first in one concurrent
-        batch (one round trip instead of ~20 sequential ones); locally this does nothing.
-        Objects that cannot be fetched are left to the normal read path (and its errors).
+        On object stores, the objects a ``ShardReader.read`` decodes (``read_ahead_objects``)
+        are fetched first in one concurrent batch (one round trip instead of one per array,
+        in sequence) and checked against the record (size, sha256); locally this does nothing. A
+        missing or altered object raises CorruptShardError, an object that cannot be fetched
+        FetchError. To fetch several shards ahead of their decode, use ``prefetcher``.
         """
-        store = self.zarr_store()
-        if not hasattr(store, "hold"):
+        if not self.reads_ahead:
             yield
             return
-        paths = {f"{self._root}/{rel}": rel for rel in record.objects}
-        fetched = self._fs.cat(list(paths), on_error="omit") if paths else {}
-        objects = {paths[p]: data for p, data in fetched.items() if p in paths}
+        with self._holding(record, self._fetch_objects(record)):
+            yield
+
+    @property
+    def reads_ahead(self) -> bool:
+        """True on object stores, where ``read_ahead`` and ``prefetcher`` fetch whole shards."""
+        return hasattr(self.zarr_store(), "hold")
+
+    def prefetcher(self, max_shards: int) -> ShardPrefetcher:
+        """Fetches of whole shards ahead of their decode, at most ``max_shards`` held at a time."""
+        return ShardPrefetcher(self, max_shards)
+
+    def read_ahead_objects(self, record: ShardRecord) -> list[str]:
+        """The objects of ``record`` that reads decode: the chunk files of the token and position
+        arrays. Metadata and the per-sequence arrays are read once, when the shard is opened; on
+        object stores each request costs client CPU (a few ms with botocore), so they are left out.
+        """
+        fp = self.fingerprint
+        sliced = {*TOKEN_ARRAYS, *codec_mod.position_arrays(fp.codec, fp.k, fp.tokenizer.vocab_size)}
+        return [rel for rel in record.objects
+                if not rel.endswith("/zarr.json") and rel[len(record.group_dir) + 1:].split("/", 1)[0] in sliced]
+
+    def _fetch_objects(self, record: ShardRecord) -> dict[str, bytes | Exception]:
+        """The ``read_ahead_objects`` of ``record`` (relative path -> bytes, or the error), concurrently."""
+        paths = {f"{self._root}/{rel}": rel for rel in self.read_ahead_objects(record)}
+        if not paths:
+            return {}
+        try:
+            fetched = self._fs.cat(list(paths), on_error="return")
+        except OSError as err:
+            return {rel: err for rel in paths.values()}
+        return {paths[p]: data for p, data in fetched.items() if p in paths}
+
+    @contextlib.contextmanager
+    def _holding(self, record: ShardRecord, fetched: dict[str, bytes | Exception]):
+        """Check fetched objects against ``record`` and hold them in the Zarr store for the block.
+
+        An object whose fetch failed with an I/O error is fetched once more (the store has
+        retried already; this covers a prefetch that failed long before its use).
+        """
+        store = self.zarr_store()
+        objects = {}
+        for rel in sorted(fetched):
+            meta = record.objects[rel]
+            data = fetched[rel]
+            if isinstance(data, Exception) and not isinstance(data, FileNotFoundError):
+                try:
+                    data = self._fs.cat_file(f"{self._root}/{rel}")
+                except Exception as err:  # noqa: BLE001 (reported below, whatever the backend raised)
+                    data = err
+            if isinstance(data, FileNotFoundError):
+                raise CorruptShardError(record.name, f"object {rel} is missing")
+            if isinstance(data, Exception):
+                raise remote.FetchError(
+                    f"cannot fetch {rel} of shard {record.name!r} from {self.url} "
+                    f"({type(data).__name__}: {data}); the store's retries are exhausted. Check the "
+                    "connection and credentials, then rerun (kd train resumes from its last checkpoint)."
+                ) from data
+            if len(data) != meta["size"]:
+                raise CorruptShardError(
+                    record.name, f"object {rel} has {len(data)} bytes, its commit record says {meta['size']}"
+                )
+            if _sha256(data) != meta["sha256"]:
+                raise CorruptShardError(
+                    record.name, f"object {rel} fails its sha256 checksum (bytes changed in the store or in transit)"
+                )
+            objects[rel] = data
         store.hold(objects)
         try:
             yield
@@ -348,6 +416,111 @@ class LogitCache:
 
     def object_bytes(self, record: ShardRecord) -> int:
         return sum(o["size"] for o in record.objects.values())
+
+
+class ShardPrefetcher:
+    """Fetches whole shards ahead of their decode, so a loader's decode never waits on round trips.
+
+    ``schedule(record)`` queues one use of a shard and returns its ticket; fetches start in
+    schedule order, each as one concurrent batch of requests for the shard's chunk objects
+    (``LogitCache.read_ahead_objects``, via ``fs.cat``), while fewer than ``max_shards`` tickets hold data (in flight, fetched and
+    waiting, or being decoded). ``read_ahead(ticket)`` waits for that fetch (doing it at once
+    if the ticket is still queued), checks the objects against the record (as
+    ``LogitCache.read_ahead``) and serves the shard's Zarr reads from memory for the block;
+    leaving the block frees the slot. Errors of a prefetch surface there, at the point of use.
+    Memory: the stored (compressed) bytes of at most ``max(max_shards, decode threads)``
+    shards. On local caches, and with ``max_shards=0``, it does nothing.
+    """
+
+    def __init__(self, cache: LogitCache, max_shards: int):
+        self.cache = cache
+        self.max_shards = max_shards
+        self.enabled = max_shards > 0 and cache.reads_ahead
+        self._lock = threading.Lock()
+        self._queue: collections.deque[_Ticket] = collections.deque()
+        self._held: set[_Ticket] = set()
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def held(self) -> int:
+        """Tickets holding data now (in flight, waiting for their decode, or being decoded)."""
+        with self._lock:
+            return len(self._held)
+
+    def schedule(self, record: ShardRecord) -> _Ticket | None:
+        """Queue a fetch of ``record``'s objects for one later ``read_ahead``; None when disabled."""
+        if not self.enabled:
+            return None
+        ticket = _Ticket(record)
+        with self._lock:
+            if self._closed:
+                return None
+            self._queue.append(ticket)
+            self._start_queued()
+        return ticket
+
+    def _start_queued(self) -> None:  # under self._lock
+        while self._queue and len(self._held) < self.max_shards:
+            ticket = self._queue.popleft()
+            if self._pool is None:  # fetches block in fsspec's sync calls: one thread per slot
+                self._pool = ThreadPoolExecutor(self.max_shards, thread_name_prefix="kd-read-ahead")
+            ticket.future = self._pool.submit(self.cache._fetch_objects, ticket.record)
+            self._held.add(ticket)
+
+    @contextlib.contextmanager
+    def read_ahead(self, ticket: _Ticket | None):
+        """Within the block, the ticket's shard is read from memory (see the class docstring)."""
+        if ticket is None:
+            yield
+            return
+        with self._lock:
+            if ticket.future is None:  # still queued (or dropped by close): fetch in this thread
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(ticket)
+                if not self._closed:
+                    self._held.add(ticket)
+        try:
+            if ticket.future is not None:
+                try:
+                    fetched = ticket.future.result()
+                except CancelledError:
+                    fetched = self.cache._fetch_objects(ticket.record)
+            else:
+                fetched = self.cache._fetch_objects(ticket.record)
+            ticket.future = None  # the bytes live in the store only while held
+            with self.cache._holding(ticket.record, fetched):
+                del fetched
+                yield
+        finally:
+            with self._lock:
+                self._held.discard(ticket)
+                if not self._closed:
+                    self._start_queued()
+
+    def close(self) -> None:
+        """Drop queued and fetched shards; later ``read_ahead`` calls fetch for themselves."""
+        with self._lock:
+            self._closed = True
+            self._queue.clear()
+            self._held.clear()
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Ticket:
+    """One scheduled use of a shard by ``ShardPrefetcher`` (identity matters, not the record)."""
+
+    __slots__ = ("record", "future")
+
+    def __init__(self, record: ShardRecord):
+        self.record = record
+        self.future: Future | None = None
 
 
 def _sha256(data: bytes) -> str:

@@ -66,12 +66,41 @@ def check_sequence_arrays(seq: dict[str, np.ndarray], record: ShardRecord) -> li
     return problems
 
 
+BLOCK_ROWS = 2048
+"""Rows checked at a time: a block's temporaries stay in cache, and a clean block costs only a
+few reductions (min/max); the elementwise masks are built only for a block that fails."""
+
+
+def _first_bad_row(values: np.ndarray, all_good, is_bad) -> int:
+    """Index of the first row of ``values`` where ``is_bad`` holds anywhere, or -1.
+
+    ``all_good(block)`` is a cheap test, true exactly when no element of the block is bad.
+    """
+    for r in range(0, len(values), BLOCK_ROWS):
+        block = values[r : r + BLOCK_ROWS]
+        if all_good(block):
+            continue
+        mask = is_bad(block)
+        rows = np.flatnonzero(mask.any(axis=1) if mask.ndim == 2 else mask)
+        if rows.size:
+            return r + int(rows[0])
+    return -1
+
+
+def _repeats(block: np.ndarray, ids_sorted: bool) -> np.ndarray:
+    """(rows, k-1) True where a row of top-k ids holds an id twice (next to itself, once sorted)."""
+    srt = block if ids_sorted else np.sort(block, axis=1)
+    return srt[:, 1:] == srt[:, :-1]
+
+
 def check_decoded(
     batch: SequenceBatch, vocab_size: int, seq_start: int = 0, pos_start: int = 0, ids_sorted: bool = False
 ) -> list[str]:
     """Problems of decoded sequences [seq_start, ...) of a shard; indices are shard-global.
 
     ``ids_sorted``: each row's top-k ids ascend (the sqrtq codec), which makes the id checks O(P).
+    Every rule runs on blocks of ``BLOCK_ROWS`` rows, with a reduction first (this is on the
+    loader's hot path: about 4x cheaper than elementwise masks over the whole batch).
     """
     problems = []
     pos_offsets = batch.pos_offsets
@@ -83,9 +112,8 @@ def check_decoded(
         return seq_start + int(np.searchsorted(batch.seq_offsets, t, side="right") - 1)
 
     tok = batch.token_ids
-    bad = np.flatnonzero((tok < 0) | (tok >= vocab_size)) if tok.size else ()
-    if len(bad):
-        t = int(bad[0])
+    if tok.size and not (tok.min() >= 0 and tok.max() < vocab_size):
+        t = int(np.flatnonzero((tok < 0) | (tok >= vocab_size))[0])
         t0 = int(batch.seq_offsets[0])
         problems.append(
             f"token id {int(tok[t])} at token {t} of sequence {seq_of_token(t + t0)} is outside "
@@ -93,38 +121,39 @@ def check_decoded(
         )
     ids = batch.topk_ids
     if ids.size:
-        lo, hi = (ids[:, 0], ids[:, -1]) if ids_sorted else (ids.min(axis=1), ids.max(axis=1))
-        rows = np.flatnonzero((lo < 0) | (hi >= vocab_size))
-        if rows.size:
-            j = int(rows[0])
+        if ids_sorted:
+            lo, hi = ids[:, 0], ids[:, -1]
+            in_range = lo.min() >= 0 and hi.max() < vocab_size
+        else:
+            in_range = ids.min() >= 0 and ids.max() < vocab_size
+        if not in_range:
+            j = _first_bad_row(ids, lambda b: False, lambda b: (b < 0) | (b >= vocab_size))
             bad_id = next(int(v) for v in ids[j] if not 0 <= v < vocab_size)
             problems.append(
                 f"top-k id {bad_id} at position row {pos_start + j} (sequence {seq_of_row(j)}) is outside "
                 f"[0, vocab_size={vocab_size})"
             )
         if ids.shape[1] > 1:
-            srt = ids if ids_sorted else np.sort(ids, axis=1)
-            rows = np.flatnonzero((srt[:, 1:] == srt[:, :-1]).any(axis=1))
-            if rows.size:
-                j = int(rows[0])
+            j = _first_bad_row(ids, lambda b: not _repeats(b, ids_sorted).any(), lambda b: _repeats(b, ids_sorted))
+            if j >= 0:
                 problems.append(f"position row {pos_start + j} (sequence {seq_of_row(j)}) repeats a top-k id")
+    # (what, values, all_good(block): one or two reductions; NaN propagates through max, not fmax,
+    #  is_bad(values): the elementwise rule, used to name the first bad row, rule)
     rules = (
-        ("top-k log-prob", batch.topk_logprobs, lambda v: ~np.isfinite(v) | (v > 0), "must be finite and <= 0"),
-        ("tail log-prob", batch.tail_logprobs, lambda v: np.isnan(v) | (v > 0), "must be <= 0 (or -inf)"),
-        ("target log-prob", batch.target_logprobs, lambda v: np.isnan(v) | (v > LOGPROB_TOLERANCE),
-         "must be <= 0 and not NaN"),
-        ("behaviour log-prob", batch.behaviour_logprobs, lambda v: v > LOGPROB_TOLERANCE,
-         "must be <= 0 or NaN"),
+        ("top-k log-prob", batch.topk_logprobs, lambda b: b.max() <= 0 and b.min() > -np.inf,
+         lambda v: ~np.isfinite(v) | (v > 0), "must be finite and <= 0"),
+        ("tail log-prob", batch.tail_logprobs, lambda b: b.max() <= 0,
+         lambda v: np.isnan(v) | (v > 0), "must be <= 0 (or -inf)"),
+        ("target log-prob", batch.target_logprobs, lambda b: b.max() <= LOGPROB_TOLERANCE,
+         lambda v: np.isnan(v) | (v > LOGPROB_TOLERANCE), "must be <= 0 and not NaN"),
+        ("behaviour log-prob", batch.behaviour_logprobs, lambda b: not np.fmax.reduce(b, axis=None) > LOGPROB_TOLERANCE,
+         lambda v: v > LOGPROB_TOLERANCE, "must be <= 0 or NaN"),
     )
-    for what, values, is_bad, rule in rules:
+    for what, values, all_good, is_bad, rule in rules:
         if not values.size:
             continue
-        mask = is_bad(values)
-        if mask.ndim == 2:
-            mask = mask.any(axis=1)
-        rows = np.flatnonzero(mask)
-        if rows.size:
-            j = int(rows[0])
+        j = _first_bad_row(values, all_good, is_bad)
+        if j >= 0:
             value = values[j] if values.ndim == 1 else values[j][is_bad(values[j])][0]
             problems.append(
                 f"{what} {float(value)} at position row {pos_start + j} (sequence {seq_of_row(j)}) {rule}"

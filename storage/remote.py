@@ -25,6 +25,7 @@ Three things object stores need that local disks do not:
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from urllib.parse import urlsplit
 
@@ -37,6 +38,10 @@ S3_MAX_ATTEMPTS = 8
 
 _S3_PROTOCOLS = ("s3", "s3a")
 _RETRY_ENV = ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")
+
+
+class FetchError(CacheError):
+    """An object of a shard could not be fetched (I/O, after the store's own retries): not corruption."""
 
 
 def protocols(fs) -> tuple[str, ...]:
@@ -140,38 +145,40 @@ def _fsync_dir(folder: str) -> None:
 class ReadAheadStore:
     """A Zarr store wrapper that serves whole objects fetched ahead of time from memory.
 
-    On an object store every Zarr read is a request (array metadata, shard index,
-    chunk ranges), issued one array after another: reading one segment of a shard
-    costs ~20 sequential round trips. ``LogitCache.read_ahead`` instead fetches all
-    of a shard's objects in one concurrent batch (``fs.cat`` of many paths) and
-    ``hold``s them here while the segment is decoded; reads of anything not held go
-    to the wrapped store as usual. Reference-counted, so concurrent decode threads
-    may hold the same objects.
+    On an object store every Zarr read is a request (shard index, then chunk ranges),
+    issued one array after another: reading one segment of a shard costs several
+    sequential round trips. ``LogitCache.read_ahead`` and ``ShardPrefetcher`` instead fetch all of a
+    shard's objects in one concurrent batch and ``hold`` them here while the shard is
+    decoded; reads of anything not held go to the wrapped store as usual.
+    Reference-counted (under a lock), so decode threads may hold the same objects.
     """
 
     def __new__(cls, store):
         from zarr.storage import WrapperStore
 
         class _Store(WrapperStore):
-            def __init__(self, inner, held=None):
+            def __init__(self, inner, held=None, lock=None):
                 super().__init__(inner)
                 self._held = {} if held is None else held  # key -> [bytes, refcount]
+                self._lock = lock or threading.Lock()
 
             def _with_store(self, inner):
-                return type(self)(inner, self._held)
+                return type(self)(inner, self._held, self._lock)
 
             def hold(self, objects: dict[str, bytes]) -> None:
-                for key, data in objects.items():
-                    entry = self._held.setdefault(key, [data, 0])
-                    entry[1] += 1
+                with self._lock:
+                    for key, data in objects.items():
+                        entry = self._held.setdefault(key, [data, 0])
+                        entry[1] += 1
 
             def release(self, objects: dict[str, bytes]) -> None:
-                for key in objects:
-                    entry = self._held.get(key)
-                    if entry is not None:
-                        entry[1] -= 1
-                        if entry[1] <= 0:
-                            del self._held[key]
+                with self._lock:
+                    for key in objects:
+                        entry = self._held.get(key)
+                        if entry is not None:
+                            entry[1] -= 1
+                            if entry[1] <= 0:
+                                del self._held[key]
 
             async def get(self, key, prototype, byte_range=None):
                 entry = self._held.get(key)

@@ -9,11 +9,18 @@ raw log-probs are finite, <= 0 and sorted descending; the decoded k+1 buckets
 sum to 1 within the rounding bound; target log-probs are <= 0; behaviour
 log-probs are <= 0 or NaN. Shard folders without a commit record are listed as
 leftovers of dead writers (not errors: they are invisible to readers).
+
+On object stores each object is downloaded once: a shard's group is listed, all
+of its objects are fetched in one concurrent batch and hashed, and the shard is
+then opened and decoded from that copy in memory (an fsspec memory filesystem and
+a Zarr memory store), one shard at a time, the next shard's fetch overlapping the
+current shard's checks.
 """
 
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,30 +78,57 @@ def verify_cache(url: str) -> VerifyReport:
         commit_files = []
     committed = set()
     referenced = set()  # group folders named by records (or possibly, when a record is unreadable)
-    for base in commit_files:
-        if base.startswith("."):
-            continue
-        name = base[: -len(COMMIT_SUFFIX)]
-        where = f"{url}/{SHARDS_GROUP}/{name}"
-        report.shards_checked += 1
-        committed.add(name)
+    names = [base[: -len(COMMIT_SUFFIX)] for base in commit_files if not base.startswith(".")]
+    remote = cache.reads_ahead
+
+    def load(name: str) -> ShardRecord | KdError:
         try:
-            record = cache.load_record(name)
+            return cache.load_record(name)
         except KdError as err:
-            report.problems.append((where, str(err)))
-            referenced.update(g for g in cache.shard_groups() if g == name or g.startswith(f"{name}."))
-            continue
-        referenced.add(record.group_dir.rsplit("/", 1)[-1])
-        for problem in _check_shard(cache, record):
-            report.problems.append((where, problem))
+            return err
+
+    with ThreadPoolExecutor(16 if remote else 1, thread_name_prefix="kd-verify-records") as pool:
+        records = dict(zip(names, pool.map(load, names)))  # one small read each: overlap them remotely
+    with ThreadPoolExecutor(1, thread_name_prefix="kd-verify-fetch") as fetcher:
+        # remote: the next shard downloads while this one is checked (two shards in memory at most)
+        pending = {}
+
+        def fetch_from(i: int) -> None:
+            for name in names[i:]:
+                if isinstance(records[name], ShardRecord):
+                    pending[name] = fetcher.submit(_fetch_shard, cache, records[name])
+                    return
+
+        if remote:
+            fetch_from(0)
+        for i, name in enumerate(names):
+            where = f"{url}/{SHARDS_GROUP}/{name}"
+            report.shards_checked += 1
+            committed.add(name)
+            record = records[name]
+            if isinstance(record, KdError):
+                report.problems.append((where, str(record)))
+                referenced.update(g for g in cache.shard_groups() if g == name or g.startswith(f"{name}."))
+                continue
+            referenced.add(record.group_dir.rsplit("/", 1)[-1])
+            if remote:
+                fetched = pending.pop(name).result()
+                fetch_from(i + 1)
+                problems = _check_fetched_shard(cache, record, fetched)
+                del fetched
+            else:
+                problems = _check_shard(cache, record)
+            for problem in problems:
+                report.problems.append((where, problem))
     report.leftovers = [f"{url}/{SHARDS_GROUP}/{g}" for g in cache.shard_groups() if g not in referenced]
     return report
 
 
-def _check_shard(cache: LogitCache, record: ShardRecord) -> list[str]:
+def _check_shard(cache: LogitCache, record: ShardRecord, hashed: bool = False) -> list[str]:
+    """Every problem of one shard (``hashed``: its objects' sizes and sha256 were checked already)."""
     fs, root = cache._fs, cache._root
     problems = []
-    for rel, meta in sorted(record.objects.items()):
+    for rel, meta in sorted(record.objects.items()) if not hashed else ():
         path = f"{root}/{rel}"
         try:
             data = fs.cat_file(path)
@@ -119,6 +153,54 @@ def _check_shard(cache: LogitCache, record: ShardRecord) -> list[str]:
     except KdError as err:
         problems.append(str(err))
     return problems
+
+
+def _fetch_shard(cache: LogitCache, record: ShardRecord) -> dict[str, bytes | Exception]:
+    """Every object under the shard's group (listed, plus the record's): one listing, one concurrent batch."""
+    fs, root = cache._fs, cache._root
+    try:
+        listed = fs.find(f"{root}/{record.group_dir}")
+    except FileNotFoundError:
+        listed = []
+    paths = sorted(set(listed) | {f"{root}/{rel}" for rel in record.objects})
+    try:
+        fetched = fs.cat(paths, on_error="return")
+    except OSError as err:
+        fetched = {p: err for p in paths}
+    return {p[len(root) + 1:]: data for p, data in fetched.items()}
+
+
+def _check_fetched_shard(cache: LogitCache, record: ShardRecord, fetched: dict[str, bytes | Exception]) -> list[str]:
+    """``_check_shard`` on a shard downloaded by ``_fetch_shard``: hash the bytes, decode from memory."""
+    problems = []
+    for rel, meta in sorted(record.objects.items()):
+        data = fetched.get(rel)
+        if isinstance(data, FileNotFoundError) or data is None:
+            problems.append(f"object {rel} is missing")
+        elif isinstance(data, Exception):
+            problems.append(f"object {rel} cannot be fetched ({type(data).__name__}: {data})")
+        elif len(data) != meta["size"]:
+            problems.append(f"object {rel} has {len(data)} bytes, record says {meta['size']}")
+        elif hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            problems.append(f"object {rel} fails its sha256 checksum (bytes changed on disk or in transit)")
+    if problems:
+        return problems
+    return _check_shard(_in_memory(cache, {rel: d for rel, d in fetched.items() if isinstance(d, bytes)}), record,
+                        hashed=True)
+
+
+def _in_memory(cache: LogitCache, objects: dict[str, bytes]) -> LogitCache:
+    """A read-only view of ``cache`` holding only ``objects``: what ShardReader opens and decodes."""
+    import zarr.storage
+    from fsspec.implementations.memory import MemoryFileSystem
+    from zarr.core.buffer import cpu
+
+    fs = MemoryFileSystem(global_store=False, skip_instance_cache=True)
+    root = "/kd-verify"
+    for rel, data in objects.items():
+        fs.pipe_file(f"{root}/{rel}", data)
+    store = zarr.storage.MemoryStore({rel: cpu.Buffer.from_bytes(d) for rel, d in objects.items()}, read_only=True)
+    return LogitCache(url=cache.url, header=cache.header, _fs=fs, _root=root, _store=store)
 
 
 def _check_schema(cache: LogitCache, reader: ShardReader) -> list[str]:

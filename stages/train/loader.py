@@ -27,7 +27,10 @@ read once per shard and kept), so the plan of an epoch is cheap to recompute:
    have more (different sequences each epoch).
 6. Decoding. A window is decoded once: one contiguous read per shard segment,
    touching only its chunks, in a pool of ``num_workers`` threads,
-   ``prefetch_windows`` windows ahead. A producer thread collates batches into
+   ``prefetch_windows`` windows ahead. On object stores each segment's shard is
+   fetched whole (one concurrent batch of requests) as soon as its window is
+   scheduled, at most ``read_ahead_shards`` shards held, so decode threads find
+   the bytes in memory. A producer thread collates batches into
    padded tensors ``prefetch_batches`` ahead of the consumer. zstd/blosc and
    numpy release the GIL, so threads suffice. ``stats.wait_s`` measures how long
    the consumer waited.
@@ -38,6 +41,8 @@ read once per shard and kept), so the plan of an epoch is cheap to recompute:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -53,9 +58,10 @@ import torch
 
 from kd.stages.train.batch import TrainBatch
 from kd.storage.batch import SequenceBatch
-from kd.storage.cache import LogitCache, ShardReader
+from kd.storage.cache import LogitCache, ShardPrefetcher, ShardReader
 from kd.storage.errors import CacheError, ConfigError, CorruptShardError
 from kd.storage.format import ShardRecord
+from kd.storage.remote import FetchError
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +106,11 @@ class LoaderConfig:
     """Collated batches kept ready ahead of the consumer (with num_workers > 0)."""
     prefetch_windows: int = 1
     """Windows decoded ahead of the one being batched (with num_workers > 0)."""
+    read_ahead_shards: int | None = None
+    """Object stores only (with num_workers > 0): shards whose objects are fetched ahead of their
+    decode and held, compressed, in memory; at most this many at a time. None: every shard of the
+    windows being decoded, shuffle_window_shards x (1 + prefetch_windows). 0: no read-ahead (each
+    decode reads through Zarr, one request after another)."""
     pin_memory: bool = False
     """Return tensors in page-locked memory for fast non-blocking copies to CUDA (needs CUDA)."""
     skip_bad_shards: bool = False
@@ -129,6 +140,7 @@ class LoaderConfig:
         integer("num_workers", 0)
         integer("prefetch_batches", 1)
         integer("prefetch_windows", 0)
+        integer("read_ahead_shards", 0, optional=True)
         for name in ("length_bucketing", "pin_memory", "skip_bad_shards"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}: must be true or false, got {getattr(self, name)!r}")
@@ -494,17 +506,26 @@ class CacheLoader:
         return windows, batches
 
     # ------------------------------------------------------------ decode + collate
-    def _decode_segment(self, seg: _Segment) -> SequenceBatch | None:
-        """Sequences [start, stop) of one shard, or None when the shard is skipped as corrupt."""
+    def _decode_segment(self, seg: _Segment, hold=None) -> SequenceBatch | None:
+        """Sequences [start, stop) of one shard, or None when the shard is skipped as corrupt.
+
+        ``hold()`` is the context serving the shard's bytes (a prefetched ticket); by default
+        the shard is fetched now in one batch (object stores), or read through Zarr if
+        ``read_ahead_shards`` is 0.
+        """
         meta = self._metas[seg.shard]
         if meta.reader is None:
             return None
+        if hold is None and self.config.read_ahead_shards == 0:
+            hold = contextlib.nullcontext
+        elif hold is None:
+            hold = functools.partial(self.cache.read_ahead, meta.reader.record)
         t = time.perf_counter()
         try:
             try:
-                with self.cache.read_ahead(meta.reader.record):  # object stores: one batched fetch
+                with hold():
                     data = meta.reader.read(seg.start, seg.stop)
-            except CorruptShardError:
+            except (CorruptShardError, FetchError):  # I/O failures are not corruption: not skipped
                 raise
             except CacheError as err:
                 # e.g. codes above `levels`: bad bytes that still passed the checksums
@@ -519,16 +540,34 @@ class CacheLoader:
             self.stats.decoded_positions += data.num_positions
         return data
 
+    def _decode_prefetched(
+        self, seg: _Segment, prefetcher: ShardPrefetcher, ticket
+    ) -> SequenceBatch | None:
+        if prefetcher.closed:  # its pipeline has stopped: nobody will take the result
+            return None
+        return self._decode_segment(seg, functools.partial(prefetcher.read_ahead, ticket))
+
     def _decode_window(self, segments: list[_Segment]) -> _DecodedWindow:
         parts = [self._decode_segment(s) for s in segments]
         return _DecodedWindow.assemble(segments, parts)
 
-    def _submit_window(self, segments: list[_Segment]) -> Future | _Lazy:
+    def _submit_window(
+        self, segments: list[_Segment], prefetcher: ShardPrefetcher | None = None
+    ) -> Future | _Lazy:
         if self._pool is None:
             return _Lazy(lambda: self._decode_window(segments))
         # Segments decode in parallel; the assembling task is queued after them (the pool is
-        # FIFO), so it only ever waits on segments that already run: no deadlock.
-        seg_futures = [self._pool.submit(self._decode_segment, s) for s in segments]
+        # FIFO), so it only ever waits on segments that already run: no deadlock. Their shards'
+        # fetches are queued in the same order, so the earliest decode's bytes come first.
+        seg_futures = []
+        for s in segments:
+            reader = self._metas[s.shard].reader
+            if prefetcher is not None and prefetcher.enabled and reader is not None:
+                ticket = prefetcher.schedule(reader.record)
+                future = self._pool.submit(self._decode_prefetched, s, prefetcher, ticket)
+            else:
+                future = self._pool.submit(self._decode_segment, s)
+            seg_futures.append(future)
         return self._pool.submit(
             lambda: _DecodedWindow.assemble(segments, [f.result() for f in seg_futures])
         )
@@ -596,8 +635,13 @@ class CacheLoader:
         self, epoch: int, index: int, stop: threading.Event
     ) -> Iterator[tuple[int, int, TrainBatch]]:
         """Batches from (epoch, index) on, forever; decodes windows ahead of the one in use."""
-        ahead = self.config.prefetch_windows if self._pool else 0
+        c = self.config
+        ahead = c.prefetch_windows if self._pool else 0
         futures: dict[tuple[int, int], Future | _Lazy] = {}
+        shards = c.read_ahead_shards
+        if shards is None:  # every shard of the windows submitted for decoding
+            shards = c.shuffle_window_shards * (1 + ahead)
+        prefetcher = self.cache.prefetcher(shards if self._pool else 0)
         try:
             while True:
                 plan = self._plan(epoch)
@@ -613,7 +657,9 @@ class CacheLoader:
                         futures.pop(key).cancel()
                     for key in keys:
                         if key not in futures:
-                            futures[key] = self._submit_window(self._plan(key[0]).windows[key[1]])
+                            futures[key] = self._submit_window(
+                                self._plan(key[0]).windows[key[1]], prefetcher
+                            )
                     win = _wait(futures[(epoch, w)], stop)
                     if win is None:
                         return
@@ -622,6 +668,7 @@ class CacheLoader:
         finally:
             for f in futures.values():
                 f.cancel()
+            prefetcher.close()
 
     def _next_window(self, epoch: int, w: int) -> tuple[int, int] | None:
         if w + 1 < len(self._plan(epoch).windows):
