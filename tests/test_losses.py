@@ -379,3 +379,170 @@ def test_missing_inputs_are_reported():
     bare = LossTargets(t.topk_ids, t.topk_logprobs, t.tail_logprobs)
     with pytest.raises(ValueError, match="ce_weight > 0 needs target_ids"):
         distill_loss(logits, bare, LossConfig(ce_weight=1.0))
+
+
+# --------------------------------------------------------------------------- fused: analytic gradient
+# chunked_distill_loss computes d loss / d logits in closed form from the gradients of a few
+# student log-probs per position (top-k, tail, target). Checked against the dense path (autograd
+# through full logits, itself checked against the references above) and the old per-chunk
+# autograd path, in float64 so that any wrong term shows far above rounding.
+
+PARTS = {
+    "divergence": {},
+    "+ce": {"ce_weight": 0.3},
+    "+token_rkl+iw": {"token_reverse_kl_weight": 0.5, "importance_clip": 1.5},
+    "all": {"ce_weight": 0.3, "token_reverse_kl_weight": 0.5, "importance_clip": 1.5},
+    "ce only": {"divergence_weight": 0.0, "ce_weight": 1.0},
+    "token_rkl only": {"divergence_weight": 0.0, "token_reverse_kl_weight": 1.0},
+}
+
+
+def fused_case(m=16, vocab=31, d=6, k=5, seed=0):
+    """lm_head inputs in float64; even rows' targets inside the teacher top-k, odd rows' outside."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(m, d, generator=g, dtype=F64).requires_grad_(True)
+    weight = torch.randn(vocab, d, generator=g, dtype=F64).requires_grad_(True)
+    bias = torch.randn(vocab, generator=g, dtype=F64).requires_grad_(True)
+    _, teacher_logprobs, t = make_case(m=m, vocab=vocab, k=k, seed=seed)
+    outside = torch.ones(m, vocab, dtype=torch.bool).scatter(1, t.topk_ids, False)
+    first_outside = outside.to(torch.int8).argmax(-1)  # (m,) an id outside the row's top-k
+    inside = t.topk_ids[:, 2 % k]
+    target_ids = torch.where(torch.arange(m) % 2 == 0, inside, first_outside if k < vocab else inside)
+    targets = LossTargets(t.topk_ids, t.topk_logprobs, t.tail_logprobs, target_ids,
+                          teacher_logprobs.gather(-1, target_ids[:, None])[:, 0].float(), t.behaviour_logprobs)
+    weights = torch.tensor([1.0, 0.0, 2.0, 0.5] * (m // 4), dtype=F64)
+    return hidden, weight, bias, targets, weights
+
+
+def fused_and_dense(hidden, weight, bias, targets, config, weights, chunk_size=5):
+    """{path: (LossParts, grads of total w.r.t. (hidden, weight, bias))} for the three paths."""
+    params = (hidden, weight, bias)
+    out = {"dense": distill_loss(F.linear(hidden, weight, bias), targets, config, weights)}
+    for gradient in ("analytic", "autograd"):
+        out[gradient] = chunked_distill_loss(hidden, weight, bias, targets, config, chunk_size, weights,
+                                             gradient=gradient)
+    return {path: (parts, torch.autograd.grad(parts.total, params)) for path, parts in out.items()}
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("parts", PARTS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("mode", TOPK_MODES)
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_analytic_gradient_matches_dense_and_autograd(name, mode, temperature, parts, weighted):
+    hidden, weight, bias, targets, weights = fused_case(seed=len(name) + 7 * len(parts))
+    in_topk = (targets.topk_ids == targets.target_ids[:, None]).any(-1)
+    assert in_topk.any() and (~in_topk).any()  # both target cases are exercised
+    config = LossConfig(divergence=name, topk_mode=mode, temperature=temperature, beta=0.3, alpha=0.2,
+                        **PARTS[parts])
+    weights = weights if weighted else None
+    got = fused_and_dense(hidden, weight, bias, targets, config, weights)
+    dense, dense_grads = got["dense"]
+    for path in ("analytic", "autograd"):
+        out, grads = got[path]
+        torch.testing.assert_close(out.total, dense.total, rtol=1e-12, atol=1e-12)
+        assert out.parts.keys() == dense.parts.keys()
+        for key in dense.parts:
+            torch.testing.assert_close(out.parts[key], dense.parts[key], rtol=1e-12, atol=1e-12)
+        for what, g, want in zip(("hidden", "weight", "bias"), grads, dense_grads):
+            assert want.abs().max() > 1e-3, what  # a gradient that is there to get wrong
+            torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12, msg=f"{path} d/d{what}")
+    if weighted:  # masked positions: exactly zero gradient, not just small
+        grad_hidden = got["analytic"][1][0]
+        assert torch.all(grad_hidden[weights == 0] == 0)
+        if parts != "token_rkl only":  # (that one is also 0 where the target was not student-sampled)
+            assert torch.all(grad_hidden[weights != 0].abs().sum(-1) > 0)
+
+
+def tail_case(vocab, k, outside_logit, dtype, seed=3):
+    """Every row's top-k = ids 0..k-1 (the teacher's and, through the bias, the student's); the
+    student's logits elsewhere sit ``outside_logit`` lower, so its tail mass is ~e^outside_logit.
+    With k == V (no tail) all the logits are shifted by ``outside_logit``."""
+    m, d = 8, 4
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(m, d, generator=g, dtype=F64)
+    weight = torch.randn(vocab, d, generator=g, dtype=F64) * 0.3
+    bias = torch.full((vocab,), float(outside_logit), dtype=F64)
+    bias[:k] = torch.randn(k, generator=g, dtype=F64) + (outside_logit if k == vocab else 0.0)
+    teacher = torch.log_softmax(torch.randn(m, k + 1, generator=g, dtype=F64) * 2, -1)
+    ids = torch.stack([torch.randperm(k, generator=g) for _ in range(m)])
+    targets = LossTargets(ids, teacher[:, :k].float(), teacher[:, k].float() if k < vocab else
+                          torch.full((m,), -math.inf), target_ids=torch.tensor([0, k - 1, 1, vocab - 1] * 2),
+                          target_logprobs=teacher[:, 0].float())
+    return [x.to(dtype).requires_grad_(True) for x in (hidden, weight, bias)], targets
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("tail", ["k == V", "k == V, logits ~ -100", "tiny", "underflows in fp32",
+                                  "exactly zero in fp32"])
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_analytic_gradient_with_zero_and_tiny_tails(name, tail, dtype):
+    """Student tails of 0, ~1e-12 and far below fp32's range: both chunked paths match the dense
+    float64 reference (a tail taken as 1 - sum over the top-k would be log(0) or off by orders)."""
+    vocab, k = 24, 6
+    outside_logit = {"k == V": 0.0, "k == V, logits ~ -100": -100.0, "tiny": -30.0,
+                     "underflows in fp32": -200.0, "exactly zero in fp32": -1e4}[tail]
+    params, targets = tail_case(vocab, vocab if tail.startswith("k == V") else k, outside_logit, dtype)
+    config = LossConfig(divergence=name, temperature=2.0, ce_weight=0.3)
+    ref_params = [p.detach().double().requires_grad_(True) for p in params]
+    want = distill_loss(F.linear(*ref_params), targets, config)
+    want_grads = torch.autograd.grad(want.total, ref_params)
+    if not tail.startswith("k == V"):  # the student tail really is that small
+        _, student = bucket_logprobs(F.linear(*ref_params), targets, LossConfig(temperature=1.0))
+        assert student[:, -1].max() < outside_logit / 2
+    # fp32: logits of -1e4 are rounded to ~1e-3, which moves gradients by ~1e-5 of their scale
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == F64 else {"rtol": 1e-4, "atol": 1e-4}
+    for gradient in ("analytic", "autograd"):
+        out = chunked_distill_loss(*params, targets, config, 3, gradient=gradient)
+        assert torch.isfinite(out.total)
+        torch.testing.assert_close(out.total.double(), want.total, **tol)
+        for g, w in zip(torch.autograd.grad(out.total, params), want_grads):
+            scale = w.abs().max()
+            torch.testing.assert_close(g.double() / scale, w / scale, **tol, msg=gradient)
+
+
+def test_analytic_gradient_bf16_matches_autograd_path():
+    """bf16 lm_head: same bf16 logits, fp32 loss, dlogits cast to bf16 for the GEMMs on both paths."""
+    g = torch.Generator().manual_seed(4)
+    m, vocab, d = 40, 64, 16
+    params = [(torch.randn(*shape, generator=g) * s).to(torch.bfloat16).requires_grad_(True)
+              for shape, s in (((m, d), 1.0), ((vocab, d), 1.0), ((vocab,), 1.0))]
+    _, _, targets = make_case(m=m, vocab=vocab, k=8, seed=4)
+    weights = (torch.rand(m, generator=g) < 0.8).float()
+    config = LossConfig(divergence="jsd", temperature=2.0, ce_weight=0.3, token_reverse_kl_weight=0.5,
+                        importance_clip=2.0)
+    out = {gradient: chunked_distill_loss(*params, targets, config, 7, weights, gradient=gradient)
+           for gradient in ("analytic", "autograd")}
+    assert out["analytic"].total.dtype == torch.float32
+    torch.testing.assert_close(out["analytic"].total, out["autograd"].total, rtol=1e-6, atol=1e-7)
+    grads = {k: torch.autograd.grad(v.total, params) for k, v in out.items()}
+    for a, b in zip(grads["analytic"], grads["autograd"]):
+        assert a.dtype == b.dtype == torch.bfloat16
+        # fp32 dlogits agree to ~1e-7; rounding them to bf16 can flip the odd last bit
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 2e-3
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10_000), vocab=st.integers(2, 40), k_frac=st.floats(0, 1),
+       scale=st.floats(0.1, 20.0), name=st.sampled_from(DIVERGENCES), mode=st.sampled_from(TOPK_MODES),
+       temperature=st.sampled_from([0.5, 1.0, 2.0]), parts=st.sampled_from(list(PARTS)),
+       chunk_size=st.integers(1, 9))
+def test_analytic_gradient_matches_autograd_path_random(seed, vocab, k_frac, scale, name, mode, temperature,
+                                                        parts, chunk_size):
+    k = max(1, round(k_frac * vocab))
+    g = torch.Generator().manual_seed(seed)
+    params = [(torch.randn(*shape, generator=g, dtype=F64) * s).requires_grad_(True)
+              for shape, s in (((7, 3), scale), ((vocab, 3), 1.0), ((vocab,), 1.0))]
+    _, _, targets = make_case(m=7, vocab=vocab, k=k, seed=seed)
+    config = LossConfig(divergence=name, topk_mode=mode, temperature=temperature, **PARTS[parts])
+    got, want = (chunked_distill_loss(*params, targets, config, chunk_size, gradient=gradient)
+                 for gradient in ("analytic", "autograd"))
+    torch.testing.assert_close(got.total, want.total, rtol=1e-11, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got.total, params), torch.autograd.grad(want.total, params)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11 * (1 + b.abs().max().item()))
+
+
+def test_unknown_gradient_method_is_reported():
+    hidden, weight, bias, targets, _ = fused_case()
+    with pytest.raises(ValueError, match=r"gradient must be one of \('analytic', 'autograd'\), got 'exact'"):
+        chunked_distill_loss(hidden, weight, bias, targets, LossConfig(), gradient="exact")

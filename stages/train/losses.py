@@ -304,25 +304,67 @@ def divergence(teacher_logprobs: Tensor, student_logprobs: Tensor, config: LossC
     return fn(teacher_logprobs, student_logprobs)
 
 
+# --------------------------------------------------------------------------- student log-probs
+
+
+@dataclass(frozen=True, eq=False)  # holds tensors: no elementwise ==
+class StudentLogprobs:
+    """All that the loss uses of the student: full-vocabulary log-probs at T = 1, per position.
+
+    Every part depends on the student logits z (M, V) only through these few numbers (the
+    temperature acts on the buckets afterwards). ``student_logprobs`` computes them from z;
+    ``fused`` computes them chunk by chunk and writes the gradient w.r.t. z in closed form.
+    """
+
+    topk: Tensor | None  # (M, k) log q at the teacher's top-k ids; None when divergence_weight == 0
+    tail: Tensor | None  # (M,) log q(outside the top-k); None when there is no tail bucket
+    target: Tensor | None  # (M,) log q(target_ids); None without target_ids
+
+
+def has_tail_bucket(config: LossConfig, k: int, vocab_size: int) -> bool:
+    """Whether the divergence has a tail bucket: "tail" mode and a top-k smaller than the vocabulary."""
+    return config.topk_mode == "tail" and k < vocab_size
+
+
+def _student_buckets(
+    z: Tensor, lse: Tensor, targets: LossTargets, config: LossConfig
+) -> tuple[Tensor, Tensor | None]:
+    """z (M, V) upcast logits, lse (M, 1) their logsumexp -> (log q top-k (M, k), log q tail (M,) or None)."""
+    ids = targets.topk_ids.long()  # (M, k)
+    topk = z.gather(-1, ids) - lse  # (M, k)
+    if not has_tail_bucket(config, ids.shape[-1], z.shape[-1]):
+        return topk, None
+    outside = z.scatter(-1, ids, NEG_INF)  # (M, V) logits outside the top-k
+    return topk, (torch.logsumexp(outside, -1, keepdim=True) - lse).squeeze(-1)
+
+
+def student_logprobs(student_logits: Tensor, targets: LossTargets, config: LossConfig) -> StudentLogprobs:
+    """The ``StudentLogprobs`` the parts of ``config`` need, from logits (M, V) (dense, differentiable)."""
+    z = _upcast(student_logits)  # (M, V)
+    lse = torch.logsumexp(z, -1, keepdim=True)  # (M, 1)
+    topk = tail = target = None
+    if config.divergence_weight > 0:
+        topk, tail = _student_buckets(z, lse, targets, config)
+    if targets.target_ids is not None:
+        target = (z.gather(-1, targets.target_ids.long()[:, None]) - lse).squeeze(-1)  # (M,)
+    return StudentLogprobs(topk=topk, tail=tail, target=target)
+
+
 # --------------------------------------------------------------------------- buckets
 
 
 def _bucket_logprobs(
-    student_logits: torch.Tensor,  # (M, V) upcast
-    student_lse: torch.Tensor,  # (M, 1) logsumexp of student_logits
+    student_topk: Tensor,  # (M, k) student log-probs (T = 1) at the teacher's top-k ids
+    student_tail: Tensor | None,  # (M,) student log-prob outside the top-k, None: no tail bucket
     targets: LossTargets,
     config: LossConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    vocab_size = student_logits.shape[-1]
-    ids = targets.topk_ids.long()  # (M, k)
     teacher = _upcast(targets.topk_logprobs)  # (M, k)
-    student = student_logits.gather(-1, ids) - student_lse  # (M, k)
-    if config.topk_mode == "tail" and ids.shape[-1] < vocab_size:
+    student = student_topk  # (M, k)
+    if student_tail is not None:
         teacher_tail = _upcast(targets.tail_logprobs).clamp_min(config.tail_logprob_floor)  # (M,)
-        outside = student_logits.scatter(-1, ids, NEG_INF)  # (M, V) logits outside the top-k
-        student_tail = torch.logsumexp(outside, -1, keepdim=True) - student_lse  # (M, 1)
         teacher = torch.cat([teacher, teacher_tail[:, None]], -1)  # (M, k+1)
-        student = torch.cat([student, student_tail], -1)  # (M, k+1)
+        student = torch.cat([student, student_tail[:, None]], -1)  # (M, k+1)
     # Renormalize over the buckets: a no-op for complete "tail" buckets at T = 1 (up to rounding),
     # the renormalization of "renorm" mode, and the 1/T tempering otherwise.
     t = config.temperature
@@ -338,7 +380,8 @@ def bucket_logprobs(
     "tail" mode with k < V, else k. See the module docstring for the definitions.
     """
     z = _upcast(student_logits)
-    return _bucket_logprobs(z, torch.logsumexp(z, -1, keepdim=True), targets, config)
+    topk, tail = _student_buckets(z, torch.logsumexp(z, -1, keepdim=True), targets, config)
+    return _bucket_logprobs(topk, tail, targets, config)
 
 
 # --------------------------------------------------------------------------- sampled-token terms
@@ -416,16 +459,28 @@ def loss_sums(
     Summing these over chunks of positions and dividing by ``loss_denominators`` gives the same
     parts as the whole batch at once: the basis of the chunked path.
     """
-    z = _upcast(student_logits)  # (M, V)
-    lse = torch.logsumexp(z, -1, keepdim=True)  # (M, 1)
+    student = student_logprobs(student_logits, targets, config)
+    return loss_sums_from_logprobs(student, targets, config, token_weights)
+
+
+def loss_sums_from_logprobs(
+    student: StudentLogprobs,
+    targets: LossTargets,
+    config: LossConfig,
+    token_weights: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """``loss_sums`` from the student's ``StudentLogprobs`` instead of its logits (same maths).
+
+    Differentiable w.r.t. the fields of ``student``; the dense path and the fused path share it.
+    """
     w = None if token_weights is None else _upcast(token_weights)
     sums = {}
     if config.divergence_weight > 0:
-        teacher, student = _bucket_logprobs(z, lse, targets, config)
-        d = divergence(teacher, student, config) * config.temperature**2  # (M,)
+        teacher, student_buckets = _bucket_logprobs(student.topk, student.tail, targets, config)
+        d = divergence(teacher, student_buckets, config) * config.temperature**2  # (M,)
         sums["divergence"] = _weighted_sum(d, w)
-    if targets.target_ids is not None:
-        target_logprobs = (z.gather(-1, targets.target_ids.long()[:, None]) - lse).squeeze(-1)  # (M,)
+    if student.target is not None:
+        target_logprobs = student.target  # (M,)
         sums["ce"] = _weighted_sum(-target_logprobs, w)
         if targets.target_logprobs is not None:
             w_sampled = _sampled_weights(targets, w)
