@@ -129,16 +129,11 @@ def _check_shard(cache: LogitCache, record: ShardRecord, hashed: bool = False) -
     fs, root = cache._fs, cache._root
     problems = []
     for rel, meta in sorted(record.objects.items()) if not hashed else ():
-        path = f"{root}/{rel}"
         try:
-            data = fs.cat_file(path)
-        except FileNotFoundError:
-            problems.append(f"object {rel} is missing")
-            continue
-        if len(data) != meta["size"]:
-            problems.append(f"object {rel} has {len(data)} bytes, record says {meta['size']}")
-        elif hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            problems.append(f"object {rel} fails its sha256 checksum (bytes changed on disk or in transit)")
+            data = fs.cat_file(f"{root}/{rel}")
+        except FileNotFoundError as err:
+            data = err
+        problems += _object_problems(rel, meta, data)
     if problems:
         return problems
     try:
@@ -153,6 +148,19 @@ def _check_shard(cache: LogitCache, record: ShardRecord, hashed: bool = False) -
     except KdError as err:
         problems.append(str(err))
     return problems
+
+
+def _object_problems(rel: str, meta: dict, data: bytes | Exception | None) -> list[str]:
+    """What is wrong with one object's bytes (or with fetching them) against its record entry."""
+    if data is None or isinstance(data, FileNotFoundError):
+        return [f"object {rel} is missing"]
+    if isinstance(data, Exception):
+        return [f"object {rel} cannot be fetched ({type(data).__name__}: {data})"]
+    if len(data) != meta["size"]:
+        return [f"object {rel} has {len(data)} bytes, record says {meta['size']}"]
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        return [f"object {rel} fails its sha256 checksum (bytes changed on disk or in transit)"]
+    return []
 
 
 def _fetch_shard(cache: LogitCache, record: ShardRecord) -> dict[str, bytes | Exception]:
@@ -174,15 +182,7 @@ def _check_fetched_shard(cache: LogitCache, record: ShardRecord, fetched: dict[s
     """``_check_shard`` on a shard downloaded by ``_fetch_shard``: hash the bytes, decode from memory."""
     problems = []
     for rel, meta in sorted(record.objects.items()):
-        data = fetched.get(rel)
-        if isinstance(data, FileNotFoundError) or data is None:
-            problems.append(f"object {rel} is missing")
-        elif isinstance(data, Exception):
-            problems.append(f"object {rel} cannot be fetched ({type(data).__name__}: {data})")
-        elif len(data) != meta["size"]:
-            problems.append(f"object {rel} has {len(data)} bytes, record says {meta['size']}")
-        elif hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            problems.append(f"object {rel} fails its sha256 checksum (bytes changed on disk or in transit)")
+        problems += _object_problems(rel, meta, fetched.get(rel))
     if problems:
         return problems
     return _check_shard(_in_memory(cache, {rel: d for rel, d in fetched.items() if isinstance(d, bytes)}), record,
