@@ -205,7 +205,7 @@ def cache_export(
 
 
 def _import_opt(name: str, *flags: str):
-    from kd.storage.exchange import ImportConfig
+    from kd.storage.import_config import ImportConfig
 
     return _option(ImportConfig, name, *flags)
 
