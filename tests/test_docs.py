@@ -140,8 +140,11 @@ RUNNABLE = [page for page in PAGES if any(b.skip is None for b in blocks(page))]
 @pytest.mark.slow
 @pytest.mark.parametrize("page", RUNNABLE, ids=lambda p: p.name)
 def test_command_blocks_run_as_written(page, tiny_home, tmp_path):
+    # Blocks run in separate shells; a reader runs them in one, after the quickstart's
+    # `source .venv/bin/activate`: put this interpreter's `kd` on PATH as that shell has it
+    # (scripts/test.sh runs pytest without activating the venv).
     env = dict(os.environ, KD_HOME=str(tiny_home), HF_DATASETS_CACHE=str(tmp_path / "hf-datasets"),
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     cwd = workdir(tmp_path / "cwd")
     ran = 0
     for block in blocks(page):
