@@ -12,7 +12,6 @@ the shard is used, not in a background thread; ``kd cache verify`` downloads eac
 from __future__ import annotations
 
 import collections
-import importlib.util
 import threading
 import time
 from pathlib import Path
@@ -31,18 +30,10 @@ FIELDS = ("token_ids", "seq_offsets", "completion_start", "topk_ids", "topk_logp
 SHARDS = 6
 
 
-def _bench_remote():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_remote.py"
-    spec = importlib.util.spec_from_file_location("bench_remote_for_tests", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
-def lfs():
+def lfs(benchmark_module):
     """The latency filesystem class, registered as kdlatency://; 5 ms per request by default."""
-    fs_class = _bench_remote().LatencyFileSystem
+    fs_class = benchmark_module("bench_remote").LatencyFileSystem
     fs_class.register()
     fs_class.reset(0.005, 1e9)
     counts = collections.Counter()

@@ -7,7 +7,6 @@ commit record so the deeper checks are reached) and checks the exact message kd 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import pickle
@@ -382,17 +381,9 @@ def test_kd_train_refuses_a_bad_shard_with_one_error_line_or_skips_it(tiny_stude
 
 
 # ---------------------------------------------------------------- 5. fuzzing
-def _harness():
-    path = Path(__file__).parent.parent / "benchmarks" / "fuzz_cache.py"
-    spec = importlib.util.spec_from_file_location("kd_fuzz_cache", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def fuzz_seed(tmp_path_factory):
-    harness = _harness()
+def fuzz_seed(tmp_path_factory, benchmark_module):
+    harness = benchmark_module("fuzz_cache")
     seed = tmp_path_factory.mktemp("fuzz-seed")
     return harness, seed, harness.build_seed(seed)
 
