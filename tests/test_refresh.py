@@ -26,7 +26,7 @@ from kd.stages.generate.run import run as generate
 from kd.stages.train import refresh as refresh_mod
 from kd.stages.train.loader import CacheLoader, LoaderConfig
 from kd.stages.train.mix import MixLoader, split_budget
-from kd.stages.train.refresh import Round, RefreshError, round_plans, round_ranges, select_mix
+from kd.stages.train.refresh import Round, RefreshError, round_plans, round_ranges, select_mix, sync_shard_rows
 from kd.stages.train.run import TrainConfig, run
 from kd.storage.batch import SequenceBatch
 from kd.storage.cache import LogitCache
@@ -84,6 +84,16 @@ def test_round_rows_cycle_through_the_data_without_gaps_or_repeats():
     assert [p.name for p in plans] == ["r0004-p000000018-000000020", "r0004-p000000000-000000004"]
     with pytest.raises(ValueError):
         round_ranges(1, 21, 20)
+
+
+@pytest.mark.parametrize("m,world,rows", [(4, 1, 256), (4, 2, 2), (6, 4, 2), (512, 8, 64), (4096, 8, 256)])
+def test_sync_rounds_give_every_rank_a_share(m, world, rows):
+    """Under DDP a round of M prompts is cut so that no rank samples more than ceil(M / ranks) rows."""
+    assert sync_shard_rows(m, world) == rows
+    plans = round_plans(1, m, 10_000, rows)
+    assert sum(p.row_end - p.row_start for p in plans) == m
+    load = [sum(p.row_end - p.row_start for p in plans if p.index % world == rank) for rank in range(world)]
+    assert max(load) == -(-m // world)
 
 
 def test_select_mix_puts_the_freshest_round_on_policy_and_drops_stale_rounds():

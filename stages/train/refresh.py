@@ -25,8 +25,9 @@ uninterrupted one would: no prompt is duplicated or skipped by a crash.
 Shards and provenance. A round is written by ``generate.run.generate_shards``,
 the loop of ``kd generate`` (same seeds ``derive_seed(seed, r, row, sample)``,
 same sampler / scorer backends), as shards ``r<r:04d>-p<lo>-<hi>`` of at most
-256 prompt rows in the training cache. Each shard's provenance holds
-``source="student"``, ``round``, ``student_step``, the student it sampled
+256 prompt rows in the training cache (sync under DDP: ceil(M / world_size) rows, so
+that every rank samples a share; the grid is kept in ``RUN_DIR/refresh.json``).
+Each shard's provenance holds ``source="student"``, ``round``, ``student_step``, the student it sampled
 from (a checkpoint folder when one exists for that step), and
 ``refresh = {run_id, round, student_step, mode, per_round}``. A round
 counts only when all its shards are committed. ``run_id`` (random, kept in the
@@ -114,7 +115,7 @@ from kd.storage.format import ShardRecord
 REFRESH_FILE = "refresh.json"
 """In the run folder: the run id and the round settings, for ``kd generate --follow``."""
 SHARD_ROWS = 256
-"""Prompt rows per refresh shard (the unit of commit and of resume)."""
+"""Most prompt rows per refresh shard (the unit of commit and of resume)."""
 POLL_S = 0.25
 
 
@@ -132,9 +133,17 @@ def round_ranges(round_: int, per_round: int, num_rows: int) -> list[tuple[int, 
     return [(start, end)] if end <= num_rows else [(start, num_rows), (0, end - num_rows)]
 
 
-def round_plans(round_: int, per_round: int, num_rows: int) -> list[ShardPlan]:
-    """The shards of round r (``kd generate``'s grid of SHARD_ROWS rows over the round's ranges)."""
-    return [p for lo, hi in round_ranges(round_, per_round, num_rows) for p in plan_shards(lo, hi, SHARD_ROWS, round_)]
+def round_plans(round_: int, per_round: int, num_rows: int, shard_rows: int = SHARD_ROWS) -> list[ShardPlan]:
+    """The shards of round r (``kd generate``'s grid of ``shard_rows`` rows over the round's ranges)."""
+    return [p for lo, hi in round_ranges(round_, per_round, num_rows) for p in plan_shards(lo, hi, shard_rows, round_)]
+
+
+def sync_shard_rows(per_round: int, world_size: int) -> int:
+    """Rows per shard of a sync round: every DDP rank gets a share (each writes shards j % world_size),
+    at most SHARD_ROWS. One process: SHARD_ROWS."""
+    if world_size <= 1:
+        return SHARD_ROWS
+    return max(1, min(SHARD_ROWS, -(-per_round // world_size)))
 
 
 def _ranges_of(plans: list[ShardPlan]) -> list[tuple[int, int]]:
@@ -165,8 +174,9 @@ def is_refresh_record(record: ShardRecord) -> bool:
 class RoundIndex:
     """The cache's base shards and this run's rounds, from commit records (each read once)."""
 
-    def __init__(self, cache: LogitCache, run_id: str, per_round: int, num_rows: int):
+    def __init__(self, cache: LogitCache, run_id: str, per_round: int, num_rows: int, shard_rows: int = SHARD_ROWS):
         self.cache, self.run_id, self.per_round, self.num_rows = cache, run_id, per_round, num_rows
+        self.shard_rows = shard_rows
         self._records: dict[str, ShardRecord] = {}
 
     def record(self, name: str) -> ShardRecord:
@@ -186,7 +196,8 @@ class RoundIndex:
                 found.setdefault(int(info["round"]), []).append((name, step))
         rounds = {}
         for r, items in found.items():
-            expected = {p.name for p in round_plans(r, self.per_round, self.num_rows)} if self.num_rows else set()
+            expected = ({p.name for p in round_plans(r, self.per_round, self.num_rows, self.shard_rows)}
+                        if self.num_rows else set())
             names = {n for n, _ in items}
             rounds[r] = Round(r, min(s for _, s in items), tuple(sorted(names)), expected <= names)
         return base, rounds
@@ -257,13 +268,13 @@ def write_round(index: RoundIndex, prompts, sampler, scorer, *, round_: int, pro
     return after each call). Committed shards are skipped, so this also completes a round
     that a killed process left half written.
     """
-    plans = [p for p in round_plans(round_, config.refresh_prompts, index.num_rows)
+    plans = [p for p in round_plans(round_, config.refresh_prompts, index.num_rows, index.shard_rows)
              if p.index % num_workers == worker]
     todo = index.check_owned(plans)
     totals = {"shards_written": 0, "sequences": 0, "tokens": 0, "completion_tokens": 0, "seconds": 0.0}
     for lo, hi in _ranges_of(todo):
         stats = generate_shards(
-            prompts, sampler, scorer, index.cache, round=round_, rows=(lo, hi), shard_size=SHARD_ROWS,
+            prompts, sampler, scorer, index.cache, round=round_, rows=(lo, hi), shard_size=index.shard_rows,
             worker=worker, num_workers=num_workers, source="student", params=sampling_params(config),
             seed=config.seed, num_samples=1, offload=offload, offload_group=len(todo) or 1,
             provenance=provenance, progress=False,
@@ -327,13 +338,27 @@ class Refresher:
             self.teacher_name = check_teacher(cache, self.teacher_path)
             self.prompts = open_prompts(config, tokenizer)
             num_rows = len(self.prompts)
-        self.index = RoundIndex(cache, self.run_id, config.refresh_prompts, num_rows)
+        self.index = RoundIndex(cache, self.run_id, config.refresh_prompts, num_rows, self._shard_rows(saved_state))
         base, self.rounds = self.index.scan()
         # the base shards are those of the run's start: shards added later do not change a run
         self.base = list((saved_state or {}).get("base", base))
         self._teacher = None  # resident teacher model (sync mode without offload)
         self._adopted = None  # async: the freshest round in use
         self.student = self.optimizer = self.loader = None
+
+    def _shard_rows(self, saved_state: dict | None) -> int:
+        """Sync: a share of each round per rank; async: SHARD_ROWS (the workers split the shards).
+        A resumed run keeps the grid its refresh.json names (rounds already written follow it)."""
+        if saved_state is not None:
+            try:
+                info = json.loads((self.run_dir / REFRESH_FILE).read_text())
+                if info.get("run_id") == self.run_id and isinstance(info.get("shard_rows"), int):
+                    return info["shard_rows"]
+            except (OSError, ValueError):
+                pass
+        if self.config.refresh_mode == "async":
+            return SHARD_ROWS
+        return sync_shard_rows(self.config.refresh_prompts, self.world_size)
 
     def attach(self, student, optimizer, loader) -> None:
         self.student, self.optimizer, self.loader = student, optimizer, loader
@@ -344,7 +369,7 @@ class Refresher:
     def write_run_file(self) -> None:
         """RUN_DIR/refresh.json: what ``kd generate --follow`` needs beyond config.json (rank 0)."""
         if self.rank == 0:
-            info = {"run_id": self.run_id, "mode": self.config.refresh_mode, "shard_rows": SHARD_ROWS}
+            info = {"run_id": self.run_id, "mode": self.config.refresh_mode, "shard_rows": self.index.shard_rows}
             tmp = self.run_dir / f".{REFRESH_FILE}.tmp"
             tmp.write_text(json.dumps(info, indent=2))
             tmp.replace(self.run_dir / REFRESH_FILE)
@@ -596,10 +621,12 @@ def follow(run_dir: str | Path, *, device: str = "auto", dtype: str = "auto", ba
     index = None
     try:
         while True:
-            run_id = json.loads((run_dir / REFRESH_FILE).read_text())["run_id"]
+            info = json.loads((run_dir / REFRESH_FILE).read_text())
+            run_id = info["run_id"]
             config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))  # --steps may grow
             if index is None or index.run_id != run_id:
-                index = RoundIndex(cache, run_id, config.refresh_prompts, len(prompts))
+                index = RoundIndex(cache, run_id, config.refresh_prompts, len(prompts),
+                                   int(info.get("shard_rows", SHARD_ROWS)))
             latest = _latest_step(run_dir)
             if latest is not None and latest[0] >= config.steps:
                 break
