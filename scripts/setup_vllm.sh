@@ -12,7 +12,7 @@
 #      then the rest of kd's dependencies by name.
 # On a CUDA machine set KD_VLLM_SPEC="vllm==0.X", KD_TORCH_SPEC to the torch that
 # vllm release was built against and KD_VLLM_TRANSFORMERS_SPEC to what it supports.
-# Then: .venv-vllm/bin/python -m pytest tests/test_vllm_backend.py
+# Then: .venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_backend.py tests/test_vllm_stages.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${KD_VLLM_VENV:-.venv-vllm}

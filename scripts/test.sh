@@ -17,5 +17,5 @@ run_pytest() {  # pytest's exit 5 (no tests collected) is a failure here
 run_pytest .venv/bin/python -m pytest "$@"
 if [ "${KD_SKIP_VLLM:-0}" != "1" ] && [ "$#" -eq 0 ]; then
   bash scripts/setup_vllm.sh
-  run_pytest .venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_backend.py
+  run_pytest .venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_backend.py tests/test_vllm_stages.py
 fi

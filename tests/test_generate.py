@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -531,3 +532,30 @@ def test_a_split_column_partitions_a_single_file(tmp_path):
     assert open_dataset(str(path), "heldout")["prompt"] == ["q0", "q3", "q6"]
     with pytest.raises(PromptDataError, match="values present are \\['heldout', 'train'\\]"):
         open_dataset(str(path), "test")
+
+
+def test_vllm_options_are_parsed_and_bad_ones_refused_before_anything(tmp_path):
+    """--vllm-options: kd's engine arguments by name, the rest for vllm.LLM; refusals name the flag."""
+    from typer.testing import CliRunner
+
+    from kd.cli import app
+    from kd.stages.generate.vllm_backend import parse_engine_options
+
+    assert parse_engine_options("") == {}
+    assert parse_engine_options('{"enforce_eager": true, "kv_cache_memory_bytes": 1048576, "swap_space": 2}') == {
+        "enforce_eager": True, "kv_cache_memory_bytes": 1048576, "engine_kwargs": {"swap_space": 2}}
+    for text, needle in [('{"enforce_eager": tru}', "not valid JSON"), ("[1, 2]", "must be a JSON object"),
+                         ('{"logprobs_mode": "processed_logprobs"}', "'logprobs_mode' is set by kd"),
+                         ('{"enable_prefix_caching": true}', "cached prefixes get no prompt log-probs")]:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            parse_engine_options(text)
+    out = tmp_path / "c"
+    result = CliRunner().invoke(app, ["generate", "--data", "d", "--out", str(out), "--backend", "vllm",
+                                      "--vllm-options", '{"seed": 3}'])
+    assert result.exit_code == 2
+    assert "--vllm-options: 'seed' is set by kd (use --seed)" in result.output
+    assert not out.exists()
+    result = CliRunner().invoke(app, ["train", "--cache", str(out), "--out", str(tmp_path / "r"),
+                                      "--refresh-vllm-options", "{"])
+    assert result.exit_code == 2 and "--refresh-vllm-options: not valid JSON" in result.output
+    assert not (tmp_path / "r").exists()

@@ -122,6 +122,11 @@ class GenerateConfig:
     """Training step of the student, for provenance; default: from its trainer_state.json, else 0."""
     backend: str = "hf"
     """Generation backend: 'hf' (transformers, CPU or CUDA) or 'vllm'."""
+    vllm_options: str = ""
+    """--backend vllm: engine settings as a JSON object, e.g. '{"enforce_eager": true,
+    "gpu_memory_utilization": 0.5}': kd's max_model_len, gpu_memory_utilization (on CPU: of RAM),
+    kv_cache_memory_bytes, enforce_eager (skip compilation: starts in seconds instead of minutes on
+    CPU, samples slower), multiprocess; any other key goes to vllm.LLM unchanged."""
     device: str = "auto"
     """Device for the hf backend: 'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'."""
     dtype: str = "auto"
@@ -175,6 +180,12 @@ class GenerateConfig:
         need(bool(self.student.strip()), "student", "must name a model or 'default'")
         need(bool(self.teacher.strip()), "teacher", "must name a model or 'default'")
         need(self.source in SOURCES, "source", f"must be one of {list(SOURCES)}, got {self.source!r}")
+        try:
+            from kd.stages.generate.vllm_backend import parse_engine_options
+
+            parse_engine_options(self.vllm_options)
+        except ValueError as err:
+            problems.append(str(err))
         need(self.row_start >= 0, "row_start", f"must be >= 0, got {self.row_start}")
         need(self.row_end is None or self.row_end > self.row_start, "row_end",
              f"must be > --row-start ({self.row_start}), got {self.row_end}")
@@ -507,7 +518,7 @@ def run(config: GenerateConfig) -> dict:
         from kd.stages.train.refresh import follow
 
         return follow(config.follow, device=config.device, dtype=config.dtype, backend=config.backend,
-                      batch_size=config.batch_size)
+                      batch_size=config.batch_size, vllm_options=config.vllm_options)
     import transformers
 
     from kd.stages import models
@@ -679,10 +690,12 @@ def _vllm_backend(config, tokenizer, student_path, teacher_path, dtype):
 
     sampler_path = teacher_path if config.source == "teacher" else student_path
 
+    options = vllm_backend.parse_engine_options(config.vllm_options)
+
     def make_sampler():
-        return vllm_backend.VllmSampler(sampler_path, seed=config.seed, dtype=dtype)
+        return vllm_backend.VllmSampler(sampler_path, seed=config.seed, dtype=dtype, **options)
 
     def make_scorer():
-        return vllm_backend.VllmScorer(teacher_path, k=config.k, seed=config.seed, dtype=dtype)
+        return vllm_backend.VllmScorer(teacher_path, k=config.k, seed=config.seed, dtype=dtype, **options)
 
     return (make_sampler if config.source != "dataset" else None), make_scorer

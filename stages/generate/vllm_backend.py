@@ -35,8 +35,11 @@ What an in-process engine changes in the process, and how kd contains it:
 it reseeds the global RNGs and (CPU) replaces ``torch.set_num_threads`` with a
 no-op at start-up (both undone after start-up); all in-process engines share
 one torch.distributed state, which vLLM's shutdown destroys, so ``close()``
-keeps it while another engine is open; vLLM ``gc.freeze()``s the heap while an
-engine runs (objects alive at start-up are not collected until shutdown).
+keeps it while another engine is open, and always when the caller had set it up
+(a DDP trainer: there the engines join the trainer's group through vLLM's
+``external_launcher`` executor, one engine per rank on its ``LOCAL_RANK``);
+vLLM ``gc.freeze()``s the heap while an engine runs (objects alive at start-up
+are not collected until shutdown).
 
 Imports of vllm/torch happen inside the classes only: importing them at module
 level made scripts abort at exit (rc=134) in vLLM's CPU build.
@@ -67,6 +70,9 @@ INSTALL_HINT = (
 
 # ids of the open in-process engines (see _VllmModel.close)
 _LIVE_IN_PROCESS: set[int] = set()
+# whether the in-process engines' torch.distributed group is vLLM's own (True) or the caller's,
+# e.g. a DDP trainer's (False): only vLLM's own is destroyed when the last engine closes
+_DIST_IS_VLLMS = {"value": False}
 
 
 class VllmBackendError(KdError):
@@ -75,6 +81,61 @@ class VllmBackendError(KdError):
 
 class VllmNotInstalledError(VllmBackendError):
     """``import vllm`` failed."""
+
+
+# engine settings kd passes itself (correctness of the log-probs, the seed, the weights hand-over)
+_SET_BY_KD = {
+    "model": "the model folder comes from --student/--teacher",
+    "seed": "use --seed",
+    "dtype": "use --dtype",
+    "logprobs_mode": "kd needs raw (temperature-1) log-probs",
+    "max_logprobs": "kd sets it from k",
+    "worker_extension_cls": "kd's worker extension carries the in-place weight updates",
+    "worker_extension": "kd's worker extension carries the in-place weight updates",
+    "enable_prefix_caching": "on for the sampler, off for the scorer (cached prefixes get no prompt log-probs)",
+}
+# ``_VllmModel`` arguments; any other key goes to ``vllm.LLM`` as it is
+_MODEL_OPTIONS = ("max_model_len", "gpu_memory_utilization", "kv_cache_memory_bytes", "enforce_eager",
+                  "multiprocess")
+
+
+def parse_engine_options(text: str, flag: str = "--vllm-options") -> dict[str, Any]:
+    """A JSON object of engine settings (``--vllm-options``) -> keyword arguments for
+    ``VllmSampler`` / ``VllmScorer``: kd's own engine arguments by name, every other key
+    (e.g. ``tensor_parallel_size``, ``swap_space``) passed to ``vllm.LLM`` unchanged.
+    Empty text: no options. Raises ValueError with a message naming ``flag``.
+    """
+    import json
+
+    if not text or not text.strip():
+        return {}
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag}: not valid JSON ({e.msg} at character {e.pos}): {text!r}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{flag}: must be a JSON object such as '{{\"enforce_eager\": true}}', "
+                         f"got {type(raw).__name__}")
+    fixed = sorted(set(raw) & set(_SET_BY_KD))
+    if fixed:
+        raise ValueError(f"{flag}: {fixed[0]!r} is set by kd ({_SET_BY_KD[fixed[0]]})")
+    out: dict[str, Any] = {key: raw[key] for key in _MODEL_OPTIONS if key in raw}
+    extra = {key: value for key, value in raw.items() if key not in _MODEL_OPTIONS}
+    if extra:
+        out["engine_kwargs"] = extra
+    return out
+
+
+def _dist_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _dist_world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if _dist_initialized() else 1
 
 
 def _import_vllm():
@@ -152,10 +213,22 @@ class _VllmModel:
         )
         if worker_extension is not None:
             kwargs["worker_extension_cls"] = worker_extension
+        if not multiprocess and _dist_world_size() > 1:
+            # under torchrun (a DDP trainer's refresh): one engine per rank, on the rank's own
+            # device (LOCAL_RANK), inside the trainer's process group, as vLLM's torchrun launcher
+            kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(engine_kwargs or {})
+        dist_before = multiprocess or _dist_initialized()
         with _preserved_process_state():
-            self._llm = vllm.LLM(**kwargs)
+            try:
+                self._llm = vllm.LLM(**kwargs)
+            except TypeError as e:  # an unknown engine argument from --vllm-options
+                if not engine_kwargs:
+                    raise
+                raise VllmBackendError(f"vLLM refused the engine options {sorted(engine_kwargs)}: {e}") from e
         if not multiprocess:
+            if not dist_before:
+                _DIST_IS_VLLMS["value"] = True
             _LIVE_IN_PROCESS.add(id(self))
             weakref.finalize(self, _LIVE_IN_PROCESS.discard, id(self))
         self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
@@ -184,11 +257,14 @@ class _VllmModel:
         others_in_process = _LIVE_IN_PROCESS - {id(self)}
         _LIVE_IN_PROCESS.discard(id(self))
         try:
-            if self.multiprocess or not others_in_process:
+            if self.multiprocess or (not others_in_process and _DIST_IS_VLLMS["value"]):
                 llm.llm_engine.engine_core.shutdown()
+                if not self.multiprocess:
+                    _DIST_IS_VLLMS["value"] = False
             else:
                 # In-process engines share this process's torch.distributed groups;
-                # the normal shutdown destroys them and breaks the engines still open.
+                # the normal shutdown destroys them and breaks the engines still open,
+                # or the group of the caller that created it (a DDP trainer).
                 import vllm.v1.engine.core as core_module
                 from unittest import mock
 

@@ -155,6 +155,10 @@ class TrainConfig:
     refresh_backend: str = "hf"
     """Sync mode: backend of the teacher scorer (and student sampler), 'hf' or 'vllm' (vLLM takes the
     in-memory student's weights in place)."""
+    refresh_vllm_options: str = ""
+    """--refresh-backend vllm: engine settings as a JSON object, as `kd generate --vllm-options`
+    (e.g. '{"enforce_eager": true, "gpu_memory_utilization": 0.3}'; each of the two engines,
+    student sampler and teacher scorer, takes them)."""
     refresh_offload: str = "auto"
     """Sync mode on CUDA: 'on' moves the optimizer state to CPU and loads the teacher only for the
     refresh, so teacher, student and optimizer never share the GPU; 'off' keeps the teacher resident;
@@ -273,6 +277,12 @@ class TrainConfig:
         number("refresh_wait", lambda v: v > 0, "a finite number of seconds > 0")
         need(self.refresh_mode in REFRESH_MODES, "refresh_mode",
              f"must be one of {list(REFRESH_MODES)}, got {self.refresh_mode!r}")
+        try:
+            from kd.stages.generate.vllm_backend import parse_engine_options
+
+            parse_engine_options(self.refresh_vllm_options, "--refresh-vllm-options")
+        except ValueError as err:
+            problems.append(str(err))
         need(self.refresh_backend in REFRESH_BACKENDS, "refresh_backend",
              f"must be one of {list(REFRESH_BACKENDS)}, got {self.refresh_backend!r}")
         need(self.refresh_offload in REFRESH_OFFLOAD, "refresh_offload",

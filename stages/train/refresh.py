@@ -512,11 +512,18 @@ class Refresher:
         dtype = "bfloat16" if str(self.device).startswith("cuda") else "float32"
         if getattr(self, "_vllm", None) is None:
             folder = ckpt.latest_checkpoint(self.run_dir)  # any folder of this model: weights come next
-            self._vllm = (vllm_backend.VllmSampler(folder, seed=self.config.seed, dtype=dtype),
+            engine = vllm_backend.parse_engine_options(self.config.refresh_vllm_options, "--refresh-vllm-options")
+            self._vllm = (vllm_backend.VllmSampler(folder, seed=self.config.seed, dtype=dtype, **engine),
                           vllm_backend.VllmScorer(self.teacher_path, k=self.cache.fingerprint.k,
-                                                  seed=self.config.seed, dtype=dtype))
+                                                  seed=self.config.seed, dtype=dtype, **engine))
         self._vllm[0].update_weights(self.student.state_dict())
         return (lambda: _Unclosed(self._vllm[0])), (lambda: _Unclosed(self._vllm[1]))
+
+    def close(self) -> None:
+        """Shut down the vLLM engines kept between refreshes (the hf backend keeps none)."""
+        engines, self._vllm = getattr(self, "_vllm", None), None
+        for engine in engines or ():
+            engine.close()
 
     # ------------------------------------------------------------ async
     def _await_round(self, step: int) -> dict | None:
@@ -574,7 +581,7 @@ def _move_optimizer_state(optimizer, device) -> bool:
 
 # ---------------------------------------------------------------- the async worker
 def follow(run_dir: str | Path, *, device: str = "auto", dtype: str = "auto", backend: str = "hf",
-           batch_size: int = 16, poll_s: float = 1.0, idle_timeout_s: float | None = 3600.0,
+           batch_size: int = 16, vllm_options: str = "", poll_s: float = 1.0, idle_timeout_s: float | None = 3600.0,
            max_rounds: int | None = None, log=print) -> dict:
     """``kd generate --follow RUN_DIR``: write refresh rounds for an async training run until it ends.
 
@@ -610,7 +617,9 @@ def follow(run_dir: str | Path, *, device: str = "auto", dtype: str = "auto", ba
         from kd.stages.generate import vllm_backend
 
         vdtype = "bfloat16" if device.startswith("cuda") else "float32"
-        scorer_obj = vllm_backend.VllmScorer(teacher_path, k=cache.fingerprint.k, seed=config.seed, dtype=vdtype)
+        engine = vllm_backend.parse_engine_options(vllm_options)
+        scorer_obj = vllm_backend.VllmScorer(teacher_path, k=cache.fingerprint.k, seed=config.seed, dtype=vdtype,
+                                             **engine)
     else:
         from kd.stages.generate.hf_backend import HfSampler, HfScorer
 
@@ -654,7 +663,7 @@ def follow(run_dir: str | Path, *, device: str = "auto", dtype: str = "auto", ba
                     from kd.stages.generate import vllm_backend
 
                     if sampler_obj is None:
-                        sampler_obj = vllm_backend.VllmSampler(folder, seed=config.seed, dtype=vdtype)
+                        sampler_obj = vllm_backend.VllmSampler(folder, seed=config.seed, dtype=vdtype, **engine)
                     elif sampled_from != folder:
                         sampler_obj.update_weights(folder)
                 else:

@@ -421,6 +421,7 @@ def _run(config: TrainConfig, d: _Dist, on_step) -> dict:
         loader.close()
         if eval_loader is not None:
             eval_loader.close()
+        refresher.close()
     summary.update(run_dir=str(run_dir), student_path=str(student_path),
                    resumed_from=None if saved is None else int(saved["step"]), wall_s=time.time() - t_start)
     return summary
