@@ -555,7 +555,14 @@ def test_vllm_options_are_parsed_and_bad_ones_refused_before_anything(tmp_path):
     assert result.exit_code == 2
     assert "--vllm-options: 'seed' is set by kd (use --seed)" in result.output
     assert not out.exists()
+    result = CliRunner().invoke(app, ["generate", "--data", "d", "--out", str(out), "--vllm-options",
+                                      '{"enforce_eager": true}'])  # with the default --backend hf
+    assert result.exit_code == 2 and "--vllm-options: only applies to --backend vllm" in result.output
     result = CliRunner().invoke(app, ["train", "--cache", str(out), "--out", str(tmp_path / "r"),
                                       "--refresh-vllm-options", "{"])
     assert result.exit_code == 2 and "--refresh-vllm-options: not valid JSON" in result.output
+    result = CliRunner().invoke(app, ["train", "--cache", str(out), "--out", str(tmp_path / "r"),
+                                      "--refresh-vllm-options", '{"enforce_eager": true}'])
+    assert result.exit_code == 2
+    assert "--refresh-vllm-options: only applies to --refresh-backend vllm" in " ".join(result.output.split())
     assert not (tmp_path / "r").exists()

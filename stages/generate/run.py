@@ -186,6 +186,8 @@ class GenerateConfig:
             parse_engine_options(self.vllm_options)
         except ValueError as err:
             problems.append(str(err))
+        need(not self.vllm_options.strip() or self.backend == "vllm", "vllm_options",
+             f"only applies to --backend vllm (this run uses --backend {self.backend})")
         need(self.row_start >= 0, "row_start", f"must be >= 0, got {self.row_start}")
         need(self.row_end is None or self.row_end > self.row_start, "row_end",
              f"must be > --row-start ({self.row_start}), got {self.row_end}")

@@ -283,6 +283,10 @@ class TrainConfig:
             parse_engine_options(self.refresh_vllm_options, "--refresh-vllm-options")
         except ValueError as err:
             problems.append(str(err))
+        need(not self.refresh_vllm_options.strip() or (self.refresh_backend == "vllm" and self.refresh_mode == "sync"),
+             "refresh_vllm_options", "only applies to --refresh-backend vllm in --refresh-mode sync (async workers "
+             f"take `kd generate --follow ... --vllm-options`); this run has --refresh-backend {self.refresh_backend}, "
+             f"--refresh-mode {self.refresh_mode}")
         need(self.refresh_backend in REFRESH_BACKENDS, "refresh_backend",
              f"must be one of {list(REFRESH_BACKENDS)}, got {self.refresh_backend!r}")
         need(self.refresh_offload in REFRESH_OFFLOAD, "refresh_offload",
