@@ -33,8 +33,9 @@ learning rate, schedule and steps, and the teacher running live every step (noth
 
 Throughput is "trained completion tokens per second": completion positions that carry a
 loss, divided by the wall-clock of the whole arm (kd: base cache + training + refresh;
-TRL: training with its live generation), evaluation excluded. "KL at equal wall-clock"
-interpolates TRL's held-out KL curve at the moment each kd arm finished.
+TRL: training with its live generation), evaluation excluded. "KL at equal wall-clock" is
+TRL's held-out KL at its first evaluation at or after the moment each kd arm finished (TRL
+had trained at least as long: the comparison never flatters kd; "-" when TRL ended first).
 
     python benchmarks/bench_refresh.py --out /tmp/bench-refresh            # the small default
     python benchmarks/bench_refresh.py --steps 60 --variants offline,8,4,2,1 --threads 2
@@ -76,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite results.md and refresh.png from --out's results.json; run nothing")
     return p.parse_args(argv)
 
 
@@ -371,12 +374,14 @@ def _arm_wall(r: dict, base: dict) -> float:
     return r["train_wall_s"] + (0.0 if r["variant"].startswith("trl") else base["gen_s"])
 
 
-def _kl_at(curve: list[dict], t: float, offset: float) -> float | None:
-    """Held-out KL of ``curve`` at wall-clock ``t`` (linear between evaluations; None past its end)."""
-    pts = [(offset + c["train_s"] if c["step"] else 0.0, c["kl"]) for c in curve]
-    for (t0, k0), (t1, k1) in zip(pts, pts[1:]):
-        if t0 <= t <= t1:
-            return k0 + (k1 - k0) * (t - t0) / max(t1 - t0, 1e-9)
+def _kl_not_before(curve: list[dict], t: float) -> tuple[float, float] | None:
+    """(held-out KL, wall-clock) of the first evaluation of ``curve`` at or after wall-clock ``t``
+    (never the step-0 one); None when the curve ends before ``t``. Interpolating instead would
+    draw a straight line from the start KL to the first evaluation, far above a curve that
+    drops early, and flatter whoever finished before the peer's first evaluation."""
+    for c in curve:
+        if c["step"] and c["train_s"] >= t:
+            return c["kl"], c["train_s"]
     return None
 
 
@@ -385,7 +390,7 @@ def peer_table(results: list[dict], base: dict) -> list[str]:
     peers = [r for r in results if r["variant"].startswith("trl")]
     lines = ["", "| arm | trained completion tokens | wall s | trained tok/s | vs "
              + " | vs ".join(p["variant"] for p in peers) + " | final held-out KL | "
-             + " | ".join(f"{p['variant']} KL at the same wall-clock" for p in peers) + " |",
+             + " | ".join(f"{p['variant']} KL once it had trained as long (at s)" for p in peers) + " |",
              "|---|---|---|---|" + "---|" * len(peers) + "---|" + "---|" * len(peers)]
     for r in results:
         wall, n = _arm_wall(r, base), r.get("trained_completion_tokens")
@@ -394,12 +399,12 @@ def peer_table(results: list[dict], base: dict) -> list[str]:
                   if rate and p.get("trained_completion_tokens") else "-" for p in peers]
         at = []
         for p in peers:
-            k = None if r is p else _kl_at(p["curve"], wall, 0.0)
-            at.append("-" if k is None else f"{k:.3f}")
+            k = None if r is p else _kl_not_before(p["curve"], wall)
+            at.append("-" if k is None else f"{k[0]:.3f} ({k[1]:.0f})")
         lines.append(f"| {r['variant']} | {n or '-'} | {wall:.0f} | {'-' if rate is None else f'{rate:.1f}'} | "
                      + " | ".join(ratios) + f" | {r['curve'][-1]['kl']:.3f} | " + " | ".join(at) + " |")
-    lines.append("wall s: kd arms include the base cache; evaluation excluded everywhere. 'KL at the same "
-                 "wall-clock': the peer's held-out KL curve interpolated at the moment the arm finished.")
+    lines.append("wall s: kd arms include the base cache; evaluation excluded everywhere. 'KL once it had "
+                 "trained as long': the peer's first evaluation at or after the wall-clock the arm took.")
     return lines
 
 
@@ -458,6 +463,12 @@ def main(argv=None) -> None:
     from kd.stages import models
 
     out = Path(args.out)
+    if args.report_only:
+        saved = json.loads((out / "results.json").read_text())
+        vars(args).update(saved["settings"])
+        print(report(saved["results"], saved["base"], saved["start"], args, out, saved["machine"]))
+        print(f"plot: {plot(saved['results'], saved['base'], out)}")
+        return
     out.mkdir(parents=True, exist_ok=True)
     info = machine()
     print(f"machine: {info}", flush=True)
