@@ -66,6 +66,16 @@ def _chunk_rows(row_bytes: int, rows: int) -> int:
     return max(1, min(max(rows, 1), CHUNK_BYTES // max(row_bytes, 1)))
 
 
+def _is_temp_name(path: str) -> bool:
+    """A temp file of an interrupted metadata write (zarr's or put_exclusive's)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name.endswith(".partial") or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def _json_bytes(doc: dict) -> bytes:
+    return json.dumps(doc, indent=2).encode()
+
+
 _url_to_fs = remote.url_to_fs
 _is_local = remote.is_local
 
@@ -113,25 +123,35 @@ class LogitCache:
         Raises FingerprintMismatchError naming both sides when an existing cache differs.
         """
         fs, root = _url_to_fs(url)
-        if fs.exists(f"{root}/zarr.json"):
+
+        def existing() -> LogitCache:
             cache = cls.open(url)
             cache.fingerprint.check_same(fingerprint, f"the cache at {url}", "this run")
             return cache
-        # zarr's "*.partial" temp files are what a creator killed before its first rename leaves
-        if fs.exists(root) and [p for p in fs.ls(root, detail=False) if not p.endswith(".partial")]:
+
+        if fs.exists(f"{root}/zarr.json"):
+            return existing()
+        # zarr's "*.partial" and put_exclusive's ".<name>.<hex>.tmp" temp files are what a creator
+        # killed before its publishing rename/link leaves. zarr.json is the first entry a creator
+        # publishes, so a folder listed non-empty here either is another creator's (zarr.json
+        # exists by now: open it) or is not a cache at all.
+        if fs.exists(root) and [p for p in fs.ls(root, detail=False) if not _is_temp_name(p)]:
+            if fs.exists(f"{root}/zarr.json"):  # created by a concurrent writer since the check above
+                return existing()
             raise CacheError(
                 f"{url!r} exists and is not empty but holds no logit cache; choose another --out"
             )
+        # The root's zarr.json holds the header and is created exclusively (put_exclusive: a hard
+        # link locally, a conditional PUT on S3): of several creators at once (N generate workers on
+        # one --out, a retried job) exactly one writes it, and every other one opens it and compares
+        # fingerprints. zarr's own create checks, then writes, so two creators could both write it,
+        # the later one silently replacing the header the earlier one had already checked against.
+        group_meta = {"zarr_format": 3, "node_type": "group"}
         header = CacheHeader(fingerprint=fingerprint)
-        # the header goes into the root's first (atomic) metadata write: a creator killed right
-        # after it must not leave a zarr.json without the header (the rerun could not open it)
-        group = zarr.open_group(store=remote.zarr_store(fs, root, url), mode="a", zarr_format=3,
-                                attributes={ROOT_ATTR: header.to_dict()})
-        group.require_group(SHARDS_GROUP)
-        # Another writer may have created the cache at the same moment: re-read and compare.
-        cache = cls.open(url)
-        cache.fingerprint.check_same(fingerprint, f"the cache at {url}", "this run")
-        return cache
+        root_meta = {**group_meta, "attributes": {ROOT_ATTR: header.to_dict()}}
+        remote.put_exclusive(fs, f"{root}/zarr.json", _json_bytes(root_meta))
+        remote.put_exclusive(fs, f"{root}/{SHARDS_GROUP}/zarr.json", _json_bytes({**group_meta, "attributes": {}}))
+        return existing()
 
     # ------------------------------------------------------------ paths
     def zarr_store(self):
@@ -259,7 +279,8 @@ class LogitCache:
             paths = self._fs.ls(f"{self._root}/{SHARDS_GROUP}", detail=False, refresh=True)
         except FileNotFoundError:
             return []
-        return sorted(b for b in (p.rstrip("/").rsplit("/", 1)[-1] for p in paths) if b != "zarr.json")
+        return sorted(b for b in (p.rstrip("/").rsplit("/", 1)[-1] for p in paths)
+                      if b != "zarr.json" and not _is_temp_name(b))
 
     def committed_shards(self) -> list[ShardRecord]:
         """Commit records of every committed shard, sorted by name."""

@@ -6,7 +6,9 @@ Garbage is (docs/FORMAT.md, section 6):
   writer that died before its commit, or of a writer that lost a commit race
   and died before removing its own group;
 - a temporary commit file ``commits/.<name>.json.<hex>.tmp`` of a local writer
-  that died between writing and publishing it.
+  that died between writing and publishing it;
+- a temporary ``.zarr.json.<hex>.tmp`` (root or ``shards/``) of a cache creator that
+  died between writing and publishing the group metadata.
 
 A live writer's group looks exactly like a dead one's until its record
 appears, so gc removes only garbage whose *youngest* object is older than the
@@ -115,9 +117,15 @@ def collect_garbage(url: str, older_than: float = DEFAULT_OLDER_THAN, dry_run: b
     except FileNotFoundError:
         temps = []
     candidates += [(f"{COMMITS_DIR}/{t}", None) for t in temps if t.startswith(".") and t.endswith(".tmp")]
-    # zarr's temp file of a root metadata write killed before its rename (cache creation)
-    candidates += [(b, None) for b in (p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False, refresh=True))
-                   if b.startswith("zarr.") and b.endswith(".partial")]
+    # temp files of a root or shards-group metadata write killed before it was published (cache
+    # creation): put_exclusive's ".zarr.json.<hex>.tmp", or zarr's "zarr.json.partial" (earlier kd)
+    for folder in ("", f"{SHARDS_GROUP}/"):
+        try:
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{root}/{folder}", detail=False, refresh=True)]
+        except FileNotFoundError:
+            names = []
+        candidates += [(f"{folder}{b}", None) for b in names if b.startswith((".zarr.json.", "zarr.json.")) and
+                       (b.endswith(".tmp") or b.endswith(".partial"))]
 
     for rel, shard in candidates:
         path = f"{root}/{rel}"

@@ -59,12 +59,12 @@ def _label() -> str:
             if fn in ("write_round", "_sync_round"):
                 refresh = True
             if where is None:
-                where = _name(base, fn)
+                where = _name(base, fn)  # None: the caller names the change
         frame = frame.f_back
     return ("refresh/" if refresh else "") + (where or "other")
 
 
-def _name(base: str, fn: str) -> str:
+def _name(base: str, fn: str) -> str | None:
     if base == "cache.py":
         if "commit" in fn:
             return "shard commit"
@@ -75,7 +75,9 @@ def _name(base: str, fn: str) -> str:
                 "prune_checkpoints": "checkpoint cleanup", "discard_checkpoints_after": "checkpoint cleanup",
                 "_fsync_tree": "checkpoint write"}.get(fn, f"checkpoint {fn}")
     if base == "remote.py":
-        return "shard commit" if "exclusive" in fn or "commit" in fn else f"remote {fn}"
+        if "exclusive" in fn:  # a shard's commit record, or the cache's root metadata at creation
+            return None
+        return "shard commit" if "commit" in fn else f"remote {fn}"
     if base == "run.py" and fn in ("write", "__init__"):
         return "metrics"
     if base in ("run.py", "refresh.py") and fn in ("_run", "write_run_file"):

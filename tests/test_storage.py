@@ -245,6 +245,41 @@ def test_fingerprint_mismatch_names_both_sides(tmp_path, make_batch, make_finger
     assert len(LogitCache.open(url).committed_shards()) == 1
 
 
+def _create_in_child(url: str, fp, barrier, results) -> None:
+    barrier.wait()
+    try:
+        LogitCache.create(url, fp)
+        results.put("ok")
+    except Exception as err:  # noqa: BLE001 - the test reports whatever escaped
+        results.put(f"{type(err).__name__}: {err}")
+
+
+def test_writers_creating_one_cache_at_once_all_get_it(tmp_path, make_fingerprint):
+    """N processes create the same new cache together (N generate workers on one --out, a retried
+    job): each ends up with the cache or, with another fingerprint, a clear mismatch; zarr's own
+    'a group exists' race (its check, then its write) never escapes. 12 rounds of 6 processes
+    raised it in about every other round before create() handled it."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(12):
+        url = str(tmp_path / f"c{trial}")
+        barrier, results = ctx.Barrier(6), ctx.Queue()
+        fps = [make_fingerprint(k=8)] * 5 + [make_fingerprint(k=16)]  # the last one asks for another k
+        procs = [ctx.Process(target=_create_in_child, args=(url, fp, barrier, results)) for fp in fps]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        outcomes = sorted(results.get(timeout=5) for _ in procs)
+        ok = [o for o in outcomes if o == "ok"]
+        refused = [o for o in outcomes if o != "ok"]
+        # whoever created first decides the fingerprint; everyone else opens it or is refused by name
+        assert len(refused) in (1, 5), outcomes
+        assert all(o.startswith("FingerprintMismatchError") and "k: " in o for o in refused), outcomes
+        assert len(ok) + len(refused) == 6
+        assert verify_cache(url).ok
+
 def test_unknown_major_version_is_refused(tmp_path, make_batch, make_fingerprint):
     url = tmp_path / "c"
     LogitCache.create(str(url), make_fingerprint())
