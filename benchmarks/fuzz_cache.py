@@ -138,8 +138,8 @@ def forge(cache: Path) -> None:
                     objects[rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
             rec["objects"] = objects
             rec_path.write_text(json.dumps(rec))
-        except (ValueError, KeyError, TypeError, AttributeError, OSError):
-            pass  # a record this case already broke stays broken
+        except (ValueError, KeyError, TypeError, AttributeError, OSError, RecursionError):
+            pass  # a record this case already broke (e.g. nested 10^5 deep) stays broken
 
 
 def _json_paths(obj, prefix=()):
@@ -155,7 +155,7 @@ def _json_paths(obj, prefix=()):
 def _mutate_json(path: Path, ch) -> str:
     try:
         doc = json.loads(path.read_text())
-    except ValueError:
+    except (ValueError, RecursionError):
         return "json(unparseable)"
     paths = list(_json_paths(doc))
     target = paths[ch.pick(len(paths))]
