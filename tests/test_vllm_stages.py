@@ -122,8 +122,8 @@ def test_sync_refresh_with_vllm_samples_from_the_weights_being_trained(setup, tm
     assert all(abs(m["loss_importance_weight"] - 1.0) < 1e-3 for m in train), \
         [m["loss_importance_weight"] for m in train]
     # the same run with a sampler frozen at the initial weights does drift: the check above can fail
-    stale = _train_config(setup, tmp_path, "stale", refresh_backend="hf", refresh_every=3, steps=3,
-                          on_policy_fraction=1.0)
+    stale = _train_config(setup, tmp_path, "stale", refresh_backend="hf", refresh_vllm_options="",
+                          refresh_every=3, steps=3, on_policy_fraction=1.0)
     run(stale)
     weights = [m["loss_importance_weight"] for m in _metrics(stale.out) if m["kind"] == "train"]
     assert max(abs(w - 1.0) for w in weights[1:]) > 1e-2, weights
