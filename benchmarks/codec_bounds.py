@@ -36,6 +36,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_codec import VOCAB, load, measure_kd  # noqa: E402
 
+from kd.storage.codec import sqrt_codes  # noqa: E402
 from kd.storage.format import CodecConfig  # noqa: E402
 
 _LOG2 = math.log(2)
@@ -64,10 +65,6 @@ def conditional_entropy_bits(symbols: np.ndarray, context: np.ndarray) -> float:
         m = context == c
         total += m.mean() * entropy_bits(symbols[m])
     return total
-
-
-def sqrt_codes(logprobs: np.ndarray, levels: int) -> np.ndarray:
-    return np.clip(np.rint(np.exp(logprobs.astype(np.float64) * 0.5) * levels), 0, levels).astype(np.int64)
 
 
 def sequence_starts(npz: str, positions: int) -> np.ndarray:
@@ -113,7 +110,7 @@ def main() -> None:
     ids = data["ids"].astype(np.int64)
     p, k = ids.shape
     starts = sequence_starts(args.npz, p)
-    codes = sqrt_codes(data["lp"], args.levels)
+    codes = sqrt_codes(data["lp"], args.levels).astype(np.int64)
     order = np.argsort(ids, axis=1)
     sorted_ids = np.take_along_axis(ids, order, 1)
     codes_by_id = np.take_along_axis(codes, order, 1)

@@ -66,12 +66,6 @@ def _chunk_rows(row_bytes: int, rows: int) -> int:
     return max(1, min(max(rows, 1), CHUNK_BYTES // max(row_bytes, 1)))
 
 
-def _is_temp_name(path: str) -> bool:
-    """A temp file of an interrupted metadata write (zarr's or put_exclusive's)."""
-    name = path.rstrip("/").rsplit("/", 1)[-1]
-    return name.endswith(".partial") or (name.startswith(".") and name.endswith(".tmp"))
-
-
 def _json_bytes(doc: dict) -> bytes:
     return json.dumps(doc, indent=2).encode()
 
@@ -135,7 +129,7 @@ class LogitCache:
         # killed before its publishing rename/link leaves. zarr.json is the first entry a creator
         # publishes, so a folder listed non-empty here either is another creator's (zarr.json
         # exists by now: open it) or is not a cache at all.
-        if fs.exists(root) and [p for p in fs.ls(root, detail=False) if not _is_temp_name(p)]:
+        if fs.exists(root) and [p for p in fs.ls(root, detail=False) if not remote.is_temp_name(p)]:
             if fs.exists(f"{root}/zarr.json"):  # created by a concurrent writer since the check above
                 return existing()
             raise CacheError(
@@ -280,7 +274,7 @@ class LogitCache:
         except FileNotFoundError:
             return []
         return sorted(b for b in (p.rstrip("/").rsplit("/", 1)[-1] for p in paths)
-                      if b != "zarr.json" and not _is_temp_name(b))
+                      if b != "zarr.json" and not remote.is_temp_name(b))
 
     def committed_shards(self) -> list[ShardRecord]:
         """Commit records of every committed shard, sorted by name."""

@@ -89,7 +89,8 @@ def codec_attributes(codec: CodecConfig) -> dict[str, dict]:
     }
 
 
-def _sqrt_codes(logprobs: np.ndarray, levels: int, dtype: str) -> np.ndarray:
+def sqrt_codes(logprobs: np.ndarray, levels: int, dtype: str = "uint16") -> np.ndarray:
+    """sqrtq codes of log-probs: round(sqrt(p) * levels), clipped to [0, levels]."""
     root = np.exp(logprobs.astype(np.float64) * 0.5)  # sqrt(p); exp(-inf) = 0
     return np.clip(np.rint(root * levels), 0, levels).astype(dtype)
 
@@ -112,8 +113,8 @@ def encode(
         deltas = np.diff(ids, axis=1, prepend=0)
         out = {
             "topk_id_deltas": deltas.astype(arrays["topk_id_deltas"].dtype),
-            "topk_codes": _sqrt_codes(lps, codec.levels, arrays["topk_codes"].dtype),
-            "tail_code": _sqrt_codes(tail_logprobs, codec.levels, arrays["tail_code"].dtype),
+            "topk_codes": sqrt_codes(lps, codec.levels, arrays["topk_codes"].dtype),
+            "tail_code": sqrt_codes(tail_logprobs, codec.levels, arrays["tail_code"].dtype),
         }
     else:
         out = {

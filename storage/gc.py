@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from kd.storage import remote
 from kd.storage.cache import LogitCache
 from kd.storage.errors import ConfigError, KdError
 from kd.storage.format import COMMITS_DIR, GROUP_SUFFIX_RE, SHARDS_GROUP, parse_shard_name
@@ -116,7 +117,7 @@ def collect_garbage(url: str, older_than: float = DEFAULT_OLDER_THAN, dry_run: b
         temps = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/{COMMITS_DIR}", detail=False, refresh=True)]
     except FileNotFoundError:
         temps = []
-    candidates += [(f"{COMMITS_DIR}/{t}", None) for t in temps if t.startswith(".") and t.endswith(".tmp")]
+    candidates += [(f"{COMMITS_DIR}/{t}", None) for t in temps if remote.is_temp_name(t)]
     # temp files of a root or shards-group metadata write killed before it was published (cache
     # creation): put_exclusive's ".zarr.json.<hex>.tmp", or zarr's "zarr.json.partial" (earlier kd)
     for folder in ("", f"{SHARDS_GROUP}/"):
@@ -124,8 +125,7 @@ def collect_garbage(url: str, older_than: float = DEFAULT_OLDER_THAN, dry_run: b
             names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{root}/{folder}", detail=False, refresh=True)]
         except FileNotFoundError:
             names = []
-        candidates += [(f"{folder}{b}", None) for b in names if b.startswith((".zarr.json.", "zarr.json.")) and
-                       (b.endswith(".tmp") or b.endswith(".partial"))]
+        candidates += [(f"{folder}{b}", None) for b in names if remote.is_temp_name(b)]
 
     for rel, shard in candidates:
         path = f"{root}/{rel}"

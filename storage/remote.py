@@ -99,6 +99,13 @@ def zarr_store(fs, root: str, url: str, read_only: bool = False):
     return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options(url), read_only=read_only)
 
 
+def is_temp_name(path: str) -> bool:
+    """A temp file of an interrupted metadata write: put_exclusive's ``.<name>.<hex>.tmp``, or zarr's
+    ``<name>.partial``; what a writer killed before publishing leaves (garbage for ``kd cache gc``)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name.endswith(".partial") or (name.startswith(".") and name.endswith(".tmp"))
+
+
 def put_exclusive(fs, path: str, payload: bytes) -> bool:
     """Write ``payload`` to ``path`` only if nothing is there; True if written, False if it existed.
 

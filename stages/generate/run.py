@@ -180,14 +180,11 @@ class GenerateConfig:
         need(bool(self.student.strip()), "student", "must name a model or 'default'")
         need(bool(self.teacher.strip()), "teacher", "must name a model or 'default'")
         need(self.source in SOURCES, "source", f"must be one of {list(SOURCES)}, got {self.source!r}")
-        try:
-            from kd.stages.generate.vllm_backend import parse_engine_options
+        from kd.stages.generate.vllm_backend import engine_option_problems
 
-            parse_engine_options(self.vllm_options)
-        except ValueError as err:
-            problems.append(str(err))
-        need(not self.vllm_options.strip() or self.backend == "vllm", "vllm_options",
-             f"only applies to --backend vllm (this run uses --backend {self.backend})")
+        problems += engine_option_problems(
+            self.vllm_options, "--vllm-options",
+            "" if self.backend == "vllm" else f"only applies to --backend vllm (this run uses --backend {self.backend})")
         need(self.row_start >= 0, "row_start", f"must be >= 0, got {self.row_start}")
         need(self.row_end is None or self.row_end > self.row_start, "row_end",
              f"must be > --row-start ({self.row_start}), got {self.row_end}")

@@ -72,7 +72,7 @@ INSTALL_HINT = (
 _LIVE_IN_PROCESS: set[int] = set()
 # whether the in-process engines' torch.distributed group is vLLM's own (True) or the caller's,
 # e.g. a DDP trainer's (False): only vLLM's own is destroyed when the last engine closes
-_DIST_IS_VLLMS = {"value": False}
+_DIST_IS_VLLMS = False
 
 
 class VllmBackendError(KdError):
@@ -124,6 +124,19 @@ def parse_engine_options(text: str, flag: str = "--vllm-options") -> dict[str, A
     if extra:
         out["engine_kwargs"] = extra
     return out
+
+
+def engine_option_problems(text: str, flag: str, unused_because: str = "") -> list[str]:
+    """What config validation reports about an engine-options flag: what ``parse_engine_options``
+    refuses, and ``unused_because`` when no vLLM engine would read it; nothing when it is empty."""
+    if not text.strip():
+        return []
+    problems = [f"{flag}: {unused_because}"] if unused_because else []
+    try:
+        parse_engine_options(text, flag)
+    except ValueError as err:
+        problems.insert(0, str(err))
+    return problems
 
 
 def _dist_initialized() -> bool:
@@ -228,7 +241,8 @@ class _VllmModel:
                 raise VllmBackendError(f"vLLM refused the engine options {sorted(engine_kwargs)}: {e}") from e
         if not multiprocess:
             if not dist_before:
-                _DIST_IS_VLLMS["value"] = True
+                global _DIST_IS_VLLMS
+                _DIST_IS_VLLMS = True
             _LIVE_IN_PROCESS.add(id(self))
             weakref.finalize(self, _LIVE_IN_PROCESS.discard, id(self))
         self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
@@ -257,10 +271,11 @@ class _VllmModel:
         others_in_process = _LIVE_IN_PROCESS - {id(self)}
         _LIVE_IN_PROCESS.discard(id(self))
         try:
-            if self.multiprocess or (not others_in_process and _DIST_IS_VLLMS["value"]):
+            global _DIST_IS_VLLMS
+            if self.multiprocess or (not others_in_process and _DIST_IS_VLLMS):
                 llm.llm_engine.engine_core.shutdown()
                 if not self.multiprocess:
-                    _DIST_IS_VLLMS["value"] = False
+                    _DIST_IS_VLLMS = False
             else:
                 # In-process engines share this process's torch.distributed groups;
                 # the normal shutdown destroys them and breaks the engines still open,

@@ -277,16 +277,14 @@ class TrainConfig:
         number("refresh_wait", lambda v: v > 0, "a finite number of seconds > 0")
         need(self.refresh_mode in REFRESH_MODES, "refresh_mode",
              f"must be one of {list(REFRESH_MODES)}, got {self.refresh_mode!r}")
-        try:
-            from kd.stages.generate.vllm_backend import parse_engine_options
+        from kd.stages.generate.vllm_backend import engine_option_problems
 
-            parse_engine_options(self.refresh_vllm_options, "--refresh-vllm-options")
-        except ValueError as err:
-            problems.append(str(err))
-        need(not self.refresh_vllm_options.strip() or (self.refresh_backend == "vllm" and self.refresh_mode == "sync"),
-             "refresh_vllm_options", "only applies to --refresh-backend vllm in --refresh-mode sync (async workers "
-             f"take `kd generate --follow ... --vllm-options`); this run has --refresh-backend {self.refresh_backend}, "
-             f"--refresh-mode {self.refresh_mode}")
+        problems += engine_option_problems(
+            self.refresh_vllm_options, "--refresh-vllm-options",
+            "" if self.refresh_backend == "vllm" and self.refresh_mode == "sync" else
+            "only applies to --refresh-backend vllm in --refresh-mode sync (async workers take `kd generate "
+            f"--follow ... --vllm-options`); this run has --refresh-backend {self.refresh_backend}, "
+            f"--refresh-mode {self.refresh_mode}")
         need(self.refresh_backend in REFRESH_BACKENDS, "refresh_backend",
              f"must be one of {list(REFRESH_BACKENDS)}, got {self.refresh_backend!r}")
         need(self.refresh_offload in REFRESH_OFFLOAD, "refresh_offload",
