@@ -13,7 +13,8 @@ number of optimizer steps for every variant:
   on-policy   N = 1, lambda = 1: every step trains on a fresh round of one batch
 
 Held-out metric (the student's own distribution): every ``--eval-every`` steps the
-current student samples ``--eval-prompts`` held-out prompts (fixed seeds), the teacher
+current student samples ``--eval-prompts`` held-out prompts (``--eval-samples`` completions
+each, fixed seeds), the teacher
 scores the samples, and we report the mean KL(teacher || student) over the teacher's
 top-64 + tail buckets at the completion positions, and top-1 agreement. Evaluation
 time is excluded from every wall-clock figure.
@@ -74,7 +75,12 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--eval-prompts", type=int, default=16)
+    p.add_argument("--eval-samples", type=int, default=1,
+                   help="completions per held-out prompt (distinct seeds): more positions, less sampling noise")
     p.add_argument("--eval-every", type=int, default=8)
+    p.add_argument("--peer-eval-every", type=int, default=None,
+                   help="evaluate the TRL peers this often instead (finer: their KL at an arm's wall-clock is "
+                        "read at their first evaluation at or after it)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-only", action="store_true",
@@ -110,14 +116,14 @@ def split_prompts(out: Path) -> tuple[Path, Path]:
 class HeldoutEval:
     """KL(teacher || student) and top-1 agreement on the student's own samples of held-out prompts."""
 
-    def __init__(self, teacher, tokenizer, heldout: Path, n: int, max_new_tokens: int, seed: int):
+    def __init__(self, teacher, tokenizer, heldout: Path, n: int, max_new_tokens: int, seed: int, samples: int = 1):
         from kd.stages.generate.backend import SamplingParams
         from kd.stages.generate.hf_backend import HfScorer
         from kd.stages.generate.prompts import PromptSource
 
         self.tok = tokenizer
         source = PromptSource(str(heldout), tokenizer)
-        self.prompts = [r.prompt_ids for r in source.encode(0, min(n, len(source))).rows]
+        self.prompts = [r.prompt_ids for r in source.encode(0, min(n, len(source))).rows for _ in range(samples)]
         self.params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens)
         self.seeds = [seed * 1_000_003 + i for i in range(len(self.prompts))]
         pad = tokenizer.pad_token_id
@@ -250,7 +256,7 @@ def _trl_arm(args, out: Path, name: str, train_prompts: Path, teacher_dir, stude
     class Eval(TrainerCallback):
         def on_step_end(self, targs, state, control, model=None, **kw):
             step = state.global_step
-            if step % args.eval_every == 0 or step == args.steps:
+            if step % (args.peer_eval_every or args.eval_every) == 0 or step == args.steps:
                 train_s = time.time() - clock["t0"] - clock["eval"]
                 train_cpu_s = time.process_time() - clock["cpu0"] - clock["eval_cpu"]
                 m = evaluator(model)
@@ -332,7 +338,8 @@ def report(results: list[dict], base: dict, kl0: dict, args, out: Path, machine_
     lines = [f"machine: {machine_info}", "",
              f"steps {args.steps}, ~{args.batch_seqs} sequences/step, max_new_tokens {args.max_new_tokens}, lr {args.lr}, "
              f"base cache: {args.base_prompts} prompts ({base['student_tokens']} student + {base['teacher_tokens']} "
-             f"teacher tokens, {base['gen_s']:.1f}s); held-out: {args.eval_prompts} prompts; start KL "
+             f"teacher tokens, {base['gen_s']:.1f}s); held-out: {args.eval_prompts} prompts x "
+             f"{args.eval_samples} samples; start KL "
              f"{kl0['kl']:.3f}, top-1 {kl0['top1']:.3f}", "",
              "| variant | N | lambda | rounds | held-out KL | KL reduction | vs on-policy | top-1 | student tok | "
              "teacher tok | gen cost vs on-policy (refresh tokens) | gen s (cpu s) | run wall s (cpu s) |",
@@ -476,13 +483,14 @@ def main(argv=None) -> None:
     train_prompts, heldout_prompts = split_prompts(out)
     shared = {k: getattr(args, k) for k in ("steps", "batch_seqs", "round_prompts", "fraction", "max_staleness",
                                             "base_prompts", "max_new_tokens", "lr", "eval_prompts",
-                                            "eval_every", "seed")}
+                                            "eval_samples", "eval_every", "peer_eval_every", "seed")}
     saved = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     if saved.get("settings") != shared:
         saved = {}
     tokenizer = models.load_tokenizer(teacher_dir)
     teacher = models.load_model(teacher_dir, device="cpu", dtype="float32")
-    evaluator = HeldoutEval(teacher, tokenizer, heldout_prompts, args.eval_prompts, args.max_new_tokens, args.seed)
+    evaluator = HeldoutEval(teacher, tokenizer, heldout_prompts, args.eval_prompts, args.max_new_tokens, args.seed,
+                            args.eval_samples)
     if saved:
         base, kl0 = saved["base"], saved["start"]
         print(f"reusing the base cache and step-0 evaluation of {out / 'results.json'}", flush=True)
