@@ -16,8 +16,10 @@ Held-out metric (the student's own distribution): every ``--eval-every`` steps t
 current student samples ``--eval-prompts`` held-out prompts (``--eval-samples`` completions
 each, fixed seeds), the teacher
 scores the samples, and we report the mean KL(teacher || student) over the teacher's
-top-64 + tail buckets at the completion positions, and top-1 agreement. Evaluation
-time is excluded from every wall-clock figure.
+top-64 + tail buckets at the completion positions, and top-1 agreement, with the standard
+error of the KL over held-out sequences (``± x``). ``--final-eval-seeds K`` evaluates each
+arm's final student K more times with other seeds and pools them, so a final comparison
+rests on (K + 1) x the sequences. Evaluation time is excluded from every wall-clock figure.
 
 Generation cost of a variant: student tokens sampled and teacher tokens scored (prompt +
 completion, since the teacher runs over both), in the base cache and in all refresh
@@ -83,6 +85,12 @@ def parse_args(argv=None):
                         "read at their first evaluation at or after it)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--final-eval-seeds", type=int, default=0,
+                   help="evaluate every arm's final student K more times (other held-out seeds) and report the "
+                        "final KL pooled over all its final evaluations, with its standard error")
+    p.add_argument("--final-eval-only", action="store_true",
+                   help="train nothing: run --final-eval-seeds on the final students --out already holds for "
+                        "--variants, then rewrite the report")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite results.md and refresh.png from --out's results.json; run nothing")
     return p.parse_args(argv)
@@ -145,6 +153,7 @@ class HeldoutEval:
         starts = [len(p) for p in self.prompts]
         scores = self.scorer.score(seqs, starts, 64)
         kl = top1 = n = 0.0
+        per_seq = []  # (KL sum, positions) of every sequence, for the standard error
         with torch.no_grad():
             for seq, c, s in zip(seqs, starts, scores):
                 if len(seq) == c:
@@ -154,13 +163,73 @@ class HeldoutEval:
                                       topk_logprobs=torch.from_numpy(s.topk_logprobs),
                                       tail_logprobs=torch.from_numpy(s.tail_logprobs),
                                       target_ids=torch.tensor(seq[c:]), target_logprobs=None)
-                kl += float(loss_sums(logits, targets, EVAL_LOSS)["divergence"])
+                seq_kl = float(loss_sums(logits, targets, EVAL_LOSS)["divergence"])
+                per_seq.append((seq_kl, logits.shape[0]))
+                kl += seq_kl
                 top1 += float((logits.argmax(-1) == targets.topk_ids[:, 0]).sum())
                 n += logits.shape[0]
         student.train(was_training)
-        return {"kl": kl / max(n, 1), "top1": top1 / max(n, 1), "positions": int(n),
+        return {"kl": kl / max(n, 1), "kl_se": ratio_se(per_seq), "top1": top1 / max(n, 1), "positions": int(n),
                 "student_tokens": sum(len(c.token_ids) for c in completions), "eval_s": time.time() - t0,
                 "eval_cpu_s": time.process_time() - cpu0}
+
+
+def ratio_se(pairs: list[tuple[float, int]]) -> float | None:
+    """Standard error of the per-position mean sum(k) / sum(n) over independent sequences (k_i, n_i)
+    (delta method for a ratio estimator): how far another draw of the held-out completions could
+    move the reported KL. None with fewer than two sequences."""
+    m = len(pairs)
+    if m < 2:
+        return None
+    total_k, total_n = sum(k for k, _ in pairs), sum(n for _, n in pairs)
+    r = total_k / total_n
+    var = sum((k - r * n) ** 2 for k, n in pairs) / (m - 1)
+    return (var / m) ** 0.5 / (total_n / m)
+
+
+def final_student_dir(out: Path, variant: str) -> Path:
+    """Where an arm's final student is saved: kd's last checkpoint, TRL's saved model."""
+    if variant.startswith("trl"):
+        return out / f"run-{variant}" / "final"
+    steps = sorted((out / f"run-{variant}" / "run" / "checkpoints").glob("step-*"))
+    if not steps:
+        raise SystemExit(f"{variant}: no final checkpoint under {out / f'run-{variant}'}; run the arm first")
+    return steps[-1]
+
+
+def pooled(points: list[dict]) -> dict:
+    """One final KL from several evaluations of the same student on independent samples: the
+    per-position mean over all of them, its standard error (None if one lacks it), top-1 likewise."""
+    total = sum(p["positions"] for p in points)
+    kl = sum(p["kl"] * p["positions"] for p in points) / total
+    top1 = sum(p["top1"] * p["positions"] for p in points) / total
+    ses = [p.get("kl_se") for p in points]
+    se = None if None in ses else sum((s * p["positions"]) ** 2 for s, p in zip(ses, points)) ** 0.5 / total
+    return {"kl": kl, "kl_se": se, "top1": top1, "positions": total, "evaluations": len(points)}
+
+
+def final_eval(args, out: Path, result: dict, teacher, tokenizer, heldout: Path) -> None:
+    """Evaluate an arm's final student with --final-eval-seeds more held-out seeds; pool with its last point."""
+    from kd.stages import models
+
+    if args.final_eval_seeds <= 0:
+        return
+    student = models.load_model(final_student_dir(out, result["variant"]), device="cpu", dtype="float32")
+    points = [result["curve"][-1]]
+    for j in range(1, args.final_eval_seeds + 1):
+        ev = HeldoutEval(teacher, tokenizer, heldout, args.eval_prompts, args.max_new_tokens, args.seed + j,
+                         args.eval_samples)
+        m = ev(student)
+        points.append(m)
+        print(f"  [{result['variant']}] final, held-out seed {args.seed + j}: KL {_kl(m)}", flush=True)
+    result["final_eval"] = pooled(points)
+    print(f"  [{result['variant']}] final KL pooled over {len(points)} evaluations: {_kl(result['final_eval'])}",
+          flush=True)
+
+
+def final_point(r: dict) -> dict:
+    """An arm's final held-out KL: pooled over its final evaluations when there were several."""
+    return r.get("final_eval") or r["curve"][-1]
 
 
 def make_base_cache(args, out: Path, train_prompts: Path, teacher_dir, student_dir) -> dict:
@@ -211,7 +280,7 @@ def run_variant(args, name: str, out: Path, base: dict, train_prompts: Path, stu
             eval_s["total"] += m["eval_s"]
             eval_s["cpu"] += m["eval_cpu_s"]
             curve.append({"step": ctx.step, **m, "train_s": train_s, "train_cpu_s": train_cpu_s})
-            print(f"  [{name}] step {ctx.step}: held-out KL {m['kl']:.3f}, top-1 {m['top1']:.3f}", flush=True)
+            print(f"  [{name}] step {ctx.step}: held-out KL {_kl(m)}, top-1 {m['top1']:.3f}", flush=True)
 
     t0 = time.time()
     summary = run(config, on_step=on_step)
@@ -263,7 +332,7 @@ def _trl_arm(args, out: Path, name: str, train_prompts: Path, teacher_dir, stude
                 clock["eval"] += m["eval_s"]
                 clock["eval_cpu"] += m["eval_cpu_s"]
                 curve.append({"step": step, **m, "train_s": train_s, "train_cpu_s": train_cpu_s})
-                print(f"  [{name}] step {step}: held-out KL {m['kl']:.3f}, top-1 {m['top1']:.3f}", flush=True)
+                print(f"  [{name}] step {step}: held-out KL {_kl(m)}, top-1 {m['top1']:.3f}", flush=True)
 
     common = dict(
         output_dir=str(out / f"run-{name}"), per_device_train_batch_size=args.batch_seqs, max_steps=args.steps,
@@ -298,6 +367,7 @@ def _trl_arm(args, out: Path, name: str, train_prompts: Path, teacher_dir, stude
     clock["t0"], clock["cpu0"] = time.time(), time.process_time()
     trainer.train()
     wall = time.time() - clock["t0"] - clock["eval"]
+    trainer.save_model(str(out / f"run-{name}" / "final"))  # to re-evaluate it later, like kd's last checkpoint
     cpu = time.process_time() - clock["cpu0"] - clock["eval_cpu"]
     return {"variant": name, "refresh_every": 1, "fraction": 1.0, "round_prompts": args.batch_seqs,
             "rounds": args.steps, "student_tokens": None, "teacher_tokens": None, "refresh_student_tokens": None,
@@ -345,14 +415,14 @@ def report(results: list[dict], base: dict, kl0: dict, args, out: Path, machine_
              "teacher tok | gen cost vs on-policy (refresh tokens) | gen s (cpu s) | run wall s (cpu s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        final = r["curve"][-1]
+        final = final_point(r)
         red = kl0["kl"] - final["kl"]
-        rel = red / (kl0["kl"] - ref["curve"][-1]["kl"]) if ref else None
+        rel = red / (kl0["kl"] - final_point(ref)["kl"]) if ref else None
         cost = (r["refresh_student_tokens"] + r["refresh_teacher_tokens"]) / (
             ref["refresh_student_tokens"] + ref["refresh_teacher_tokens"]) if ref and r["student_tokens"] else None
         lines.append(
             f"| {r['variant']} | {r['refresh_every'] or '-'} | {r['fraction'] if r['refresh_every'] else '-'} | "
-            f"{r['rounds']} | {final['kl']:.3f} | {red:.3f} | {_pct(rel)} | {final['top1']:.3f} | "
+            f"{r['rounds']} | {_kl(final)} | {red:.3f} | {_pct(rel)} | {final['top1']:.3f} | "
             f"{r['student_tokens'] or '-'} | {r['teacher_tokens'] or '-'} | {_pct(cost)} | "
             f"{r['gen_s']:.0f} ({r['gen_cpu_s']:.0f}) | "
             f"{r['train_wall_s']:.0f} ({r['train_cpu_s']:.0f}) |")
@@ -362,11 +432,11 @@ def report(results: list[dict], base: dict, kl0: dict, args, out: Path, machine_
     for r in results:
         if not ref or r["variant"] in ("offline", "1", "trl", "trl-gkd"):
             continue
-        kl = r["curve"][-1]["kl"]
-        rel = (kl0["kl"] - kl) / (kl0["kl"] - ref["curve"][-1]["kl"])
+        kl = final_point(r)["kl"]
+        rel = (kl0["kl"] - kl) / (kl0["kl"] - final_point(ref)["kl"])
         cost = (r["refresh_student_tokens"] + r["refresh_teacher_tokens"]) / (
             ref["refresh_student_tokens"] + ref["refresh_teacher_tokens"])
-        beats = None if off is None else kl < off["curve"][-1]["kl"]
+        beats = None if off is None else kl < final_point(off)["kl"]
         lines.append(f"goal check N={r['variant']}: {100 * rel:.0f}% of the on-policy KL reduction (>= 90%: "
                      f"{rel >= 0.9}) at {100 * cost:.0f}% of its refresh tokens (<= 30%: {cost <= 0.3}); "
                      f"final KL below offline: {beats}")
@@ -409,10 +479,19 @@ def peer_table(results: list[dict], base: dict) -> list[str]:
             k = None if r is p else _kl_not_before(p["curve"], wall)
             at.append("-" if k is None else f"{k[0]:.3f} ({k[1]:.0f})")
         lines.append(f"| {r['variant']} | {n or '-'} | {wall:.0f} | {'-' if rate is None else f'{rate:.1f}'} | "
-                     + " | ".join(ratios) + f" | {r['curve'][-1]['kl']:.3f} | " + " | ".join(at) + " |")
+                     + " | ".join(ratios) + f" | {_kl(final_point(r))} | " + " | ".join(at) + " |")
     lines.append("wall s: kd arms include the base cache; evaluation excluded everywhere. 'KL once it had "
-                 "trained as long': the peer's first evaluation at or after the wall-clock the arm took.")
+                 "trained as long': the peer's first evaluation at or after the wall-clock the arm took. "
+                 "'± x': one standard error over the held-out sequences; final KLs are pooled over "
+                 + ", ".join(sorted({f"{final_point(r).get('evaluations', 1)}" for r in results}))
+                 + " evaluation(s) of the final student (--final-eval-seeds).")
     return lines
+
+
+def _kl(point: dict) -> str:
+    """A held-out KL with its standard error when the evaluation recorded one."""
+    se = point.get("kl_se")
+    return f"{point['kl']:.3f}" + ("" if se is None else f" ± {se:.3f}")
 
 
 def _pct(x):
@@ -476,6 +555,18 @@ def main(argv=None) -> None:
         print(report(saved["results"], saved["base"], saved["start"], args, out, saved["machine"]))
         print(f"plot: {plot(saved['results'], saved['base'], out)}")
         return
+    if args.final_eval_only:
+        saved = json.loads((out / "results.json").read_text())
+        vars(args).update(saved["settings"])
+        tokenizer = models.load_tokenizer(models.default_teacher_dir())
+        teacher = models.load_model(models.default_teacher_dir(), device="cpu", dtype="float32")
+        wanted = {v.strip() for v in args.variants.split(",")}
+        for r in saved["results"]:
+            if r["variant"] in wanted:
+                final_eval(args, out, r, teacher, tokenizer, out / "prompts-heldout.jsonl")
+        (out / "results.json").write_text(json.dumps(saved, indent=2))
+        print(report(saved["results"], saved["base"], saved["start"], args, out, saved["machine"]))
+        return
     out.mkdir(parents=True, exist_ok=True)
     info = machine()
     print(f"machine: {info}", flush=True)
@@ -514,6 +605,7 @@ def main(argv=None) -> None:
         else:
             results.append(run_variant(args, name, out, base, train_prompts, student_dir, evaluator, kl0))
         print(f"{name}: {time.time() - t:.1f}s", flush=True)
+        final_eval(args, out, results[-1], teacher, tokenizer, heldout_prompts)
         results.sort(key=_order)
         (out / "results.json").write_text(json.dumps(
             {"machine": info, "settings": shared, "base": base, "start": kl0, "results": results}, indent=2))

@@ -53,3 +53,38 @@ def test_eval_samples_repeat_prompts_with_distinct_seeds(bench, pair, one_thread
     m1, m2 = one(student), two(student)
     assert m2["student_tokens"] > m1["student_tokens"] and m2["positions"] > m1["positions"] > 0
     assert 0 < m1["kl"] < 50 and 0 < m2["kl"] < 50 and 0 <= m2["top1"] <= 1
+    assert 0 < m2["kl_se"] < m2["kl"]
+
+
+def test_ratio_se_matches_a_bootstrap(bench):
+    """The delta-method standard error of sum(k)/sum(n) agrees with resampling the sequences."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = rng.integers(5, 65, 300)
+    k = n * rng.gamma(4.0, 0.25, 300)  # per-position KL around 1, varying by sequence
+    se = bench.ratio_se(list(zip(k.tolist(), n.tolist())))
+    idx = rng.integers(0, 300, (4000, 300))
+    boot = k[idx].sum(1) / n[idx].sum(1)
+    assert se == pytest.approx(boot.std(), rel=0.1)
+    assert bench.ratio_se([(1.0, 3)]) is None
+    assert bench.ratio_se([(2.0, 2), (4.0, 4)]) == 0.0  # every sequence at the same per-position KL
+
+
+def test_pooled_final_kl_weights_by_positions(bench):
+    a = {"kl": 1.0, "kl_se": 0.03, "top1": 0.2, "positions": 100}
+    b = {"kl": 2.0, "kl_se": 0.04, "top1": 0.5, "positions": 300}
+    p = bench.pooled([a, b])
+    assert p["kl"] == pytest.approx(1.75) and p["top1"] == pytest.approx(0.425)
+    assert p["kl_se"] == pytest.approx(((0.03 * 100) ** 2 + (0.04 * 300) ** 2) ** 0.5 / 400)
+    assert p["positions"] == 400 and p["evaluations"] == 2
+    assert bench.pooled([a, {**b, "kl_se": None}])["kl_se"] is None  # an old evaluation without one
+    # the report reads the pooled value where there is one
+    assert bench.final_point({"curve": [a], "final_eval": p}) is p
+    assert bench.final_point({"curve": [b, a]}) is a
+
+
+def test_final_student_of_a_run_never_made_is_a_clear_error(bench, tmp_path):
+    with pytest.raises(SystemExit, match="16x8: no final checkpoint under .*run-16x8; run the arm first"):
+        bench.final_student_dir(tmp_path, "16x8")
+    assert bench.final_student_dir(tmp_path, "trl") == tmp_path / "run-trl" / "final"
